@@ -1,0 +1,702 @@
+//! The ring, the operation slots and the loop that drives them.
+
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use userdm_io::Errno;
+
+use crate::executor::{Shared, TaskWaker, Tasks, MAIN_TASK};
+use crate::ops::{Op, Pending};
+
+/// `user_data` of the eventfd read that remote wakers complete.
+const EVENTFD_TOKEN: u64 = u64::MAX;
+/// `user_data` of cancellations, whose own completions carry nothing we need.
+const CANCEL_TOKEN: u64 = u64::MAX - 1;
+/// The longest transfer one SQE may describe.
+const SQE_LEN_MAX: usize = 1 << 30;
+
+enum Slot {
+    Free,
+    InFlight(Option<Waker>),
+    Done(i32),
+    /// The future was dropped; the CQE still has to arrive before the slot can be reused.
+    Orphaned,
+}
+
+/// Counters of one reactor, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReactorStats {
+    /// Operations pushed to the submission queue.
+    pub ops_submitted: u64,
+    /// Completions reaped.
+    pub ops_completed: u64,
+    /// `io_uring_enter` calls that waited.
+    pub waits: u64,
+    /// Times an operation waited for a free slot.
+    pub slot_waits: u64,
+}
+
+/// One thread's ring and executor. Not `Send`: it lives and dies on the thread that made it.
+pub struct Reactor {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<Slot>>,
+    free_slots: RefCell<Vec<u32>>,
+    /// Timeouts need a timespec that stays put until the CQE; one per slot, never moved.
+    timespecs: Box<[UnsafeCell<types::Timespec>]>,
+    slot_waiters: RefCell<VecDeque<Waker>>,
+    tasks: RefCell<Tasks>,
+    shared: Arc<Shared>,
+    /// Target of the armed eventfd read; boxed so its address is stable.
+    eventfd_buf: Box<UnsafeCell<u64>>,
+    running: Cell<bool>,
+    stats: Cell<ReactorStats>,
+}
+
+impl Reactor {
+    /// Makes a reactor whose ring has `entries` submission entries.
+    ///
+    /// The number of operations in flight at once is not limited by `entries`: a full
+    /// submission queue is flushed to the kernel and refilled.
+    pub fn new(entries: u32) -> io::Result<Reactor> {
+        let entries = entries.clamp(8, 4096);
+        let ring = build_ring(entries)?;
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let slot_count = (entries as usize * 4).max(256);
+        let slots = (0..slot_count).map(|_| Slot::Free).collect();
+        let free_slots = (0..slot_count as u32).rev().collect();
+        let timespecs = (0..slot_count)
+            .map(|_| UnsafeCell::new(types::Timespec::new()))
+            .collect();
+        let rt = Reactor {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(slots),
+            free_slots: RefCell::new(free_slots),
+            timespecs,
+            slot_waiters: RefCell::new(VecDeque::with_capacity(64)),
+            tasks: RefCell::new(Tasks::new()),
+            shared: Arc::new(Shared::new(eventfd, 1024)),
+            eventfd_buf: Box::new(UnsafeCell::new(0)),
+            running: Cell::new(false),
+            stats: Cell::new(ReactorStats::default()),
+        };
+        rt.arm_eventfd();
+        Ok(rt)
+    }
+
+    /// A snapshot of this reactor's counters.
+    pub fn stats(&self) -> ReactorStats {
+        self.stats.get()
+    }
+
+    /// Adds a task, polled from the next turn of [`Reactor::block_on`] until it finishes.
+    ///
+    /// Spawning allocates the task once; make tasks at start (one per tag, one per reader), not
+    /// per request.
+    pub fn spawn(&self, task: impl Future<Output = ()> + 'static) {
+        let mut tasks = self.tasks.borrow_mut();
+        let index = tasks.add(&self.shared, Box::pin(task));
+        tasks.wakers[index].1.wake_by_ref();
+    }
+
+    /// Runs `main` and every spawned task until `main` finishes, then returns its output.
+    ///
+    /// Tasks that are still pending when `main` finishes stay spawned and run again at the next
+    /// `block_on`; they are dropped with the reactor.
+    ///
+    /// # Panics
+    /// If called from inside a task of the same reactor.
+    pub fn block_on<F: Future>(&self, main: F) -> F::Output {
+        assert!(
+            !self.running.replace(true),
+            "Reactor::block_on is not reentrant"
+        );
+        let mut main = pin!(main);
+        let main_tw = TaskWaker::new(self.shared.clone(), MAIN_TASK);
+        let main_waker = Waker::from(main_tw.clone());
+        main_waker.wake_by_ref();
+        let out = loop {
+            if let Some(out) = self.run_ready(&mut main, &main_tw, &main_waker) {
+                break out;
+            }
+            self.enter(false);
+            if self.shared.has_ready() {
+                continue;
+            }
+            self.shared.set_sleeping(true);
+            if !self.shared.has_ready() {
+                self.enter(true);
+            }
+            self.shared.set_sleeping(false);
+        };
+        self.running.set(false);
+        out
+    }
+
+    fn run_ready<F: Future>(
+        &self,
+        main: &mut std::pin::Pin<&mut F>,
+        main_tw: &Arc<TaskWaker>,
+        main_waker: &Waker,
+    ) -> Option<F::Output> {
+        while let Some(index) = self.shared.pop_ready() {
+            if index == MAIN_TASK {
+                main_tw.clear_queued();
+                let mut cx = Context::from_waker(main_waker);
+                if let Poll::Ready(out) = main.as_mut().poll(&mut cx) {
+                    return Some(out);
+                }
+                continue;
+            }
+            // Take the task out while polling it, so that it can spawn others.
+            let (task, waker) = {
+                let mut tasks = self.tasks.borrow_mut();
+                let Some(task) = tasks.futures.get_mut(index).and_then(Option::take) else {
+                    continue;
+                };
+                tasks.wakers[index].0.clear_queued();
+                (task, tasks.wakers[index].1.clone())
+            };
+            let mut task = task;
+            let mut cx = Context::from_waker(&waker);
+            if task.as_mut().poll(&mut cx).is_pending() {
+                self.tasks.borrow_mut().futures[index] = Some(task);
+            }
+        }
+        None
+    }
+
+    /// Submits queued SQEs and reaps completions, waiting for at least one if `wait`.
+    fn enter(&self, wait: bool) {
+        {
+            let ring = self.ring.borrow();
+            let res = if wait {
+                ring.submit_and_wait(1)
+            } else {
+                ring.submit()
+            };
+            if let Err(e) = res {
+                // EINTR and EBUSY (completion queue full) resolve themselves once we reap;
+                // anything else would repeat forever, so it is a broken ring.
+                let errno = e.raw_os_error().unwrap_or(0);
+                assert!(
+                    errno == libc::EINTR || errno == libc::EBUSY || errno == libc::EAGAIN,
+                    "io_uring_enter failed: {e}"
+                );
+            }
+        }
+        if wait {
+            self.bump(|s| s.waits += 1);
+        }
+        self.reap();
+    }
+
+    fn reap(&self) {
+        let mut rearm = false;
+        let mut completed = 0;
+        {
+            let mut ring = self.ring.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            for cqe in ring.completion() {
+                let token = cqe.user_data();
+                if token == EVENTFD_TOKEN {
+                    rearm = true;
+                    continue;
+                }
+                if token == CANCEL_TOKEN {
+                    continue;
+                }
+                completed += 1;
+                let Some(slot) = slots.get_mut(token as usize) else {
+                    continue;
+                };
+                match std::mem::replace(slot, Slot::Done(cqe.result())) {
+                    Slot::InFlight(Some(waker)) => waker.wake(),
+                    Slot::InFlight(None) => {}
+                    Slot::Orphaned => {
+                        *slot = Slot::Free;
+                        self.release_slot_locked(token as u32);
+                    }
+                    // A completion for a slot that is not in flight cannot come from us; keep
+                    // the slot as it was rather than corrupt another operation.
+                    other => *slot = other,
+                }
+            }
+        }
+        self.bump(|s| s.ops_completed += completed);
+        if rearm {
+            self.arm_eventfd();
+        }
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut ReactorStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    fn arm_eventfd(&self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.eventfd.as_raw_fd()),
+            self.eventfd_buf.get().cast(),
+            8,
+        )
+        .build()
+        .user_data(EVENTFD_TOKEN);
+        // SAFETY: the buffer is a boxed u64 owned by the reactor, which outlives the ring's
+        // operations (the ring is dropped first, see the Drop impl).
+        unsafe { self.push(&entry) };
+    }
+
+    /// # Safety
+    /// Every buffer the entry points to must stay valid until its completion is reaped.
+    unsafe fn push(&self, entry: &squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: the caller guarantees the entry's buffers outlive the operation.
+            if unsafe { ring.submission().push(entry) }.is_ok() {
+                break;
+            }
+            // The submission queue is full: hand what is queued to the kernel and retry.
+            if ring.submit().is_err() {
+                drop(ring);
+                self.reap();
+                ring = self.ring.borrow_mut();
+            }
+        }
+        drop(ring);
+        self.bump(|s| s.ops_submitted += 1);
+    }
+
+    pub(crate) fn claim_slot(&self, cx: &mut Context<'_>) -> Option<u32> {
+        if let Some(slot) = self.free_slots.borrow_mut().pop() {
+            return Some(slot);
+        }
+        self.bump(|s| s.slot_waits += 1);
+        self.slot_waiters.borrow_mut().push_back(cx.waker().clone());
+        None
+    }
+
+    fn release_slot_locked(&self, slot: u32) {
+        self.free_slots.borrow_mut().push(slot);
+        // Wake every waiter, not one: a waiter whose future was dropped would swallow a single
+        // wake and strand the others. This path runs only when the slot table was exhausted.
+        for waiter in self.slot_waiters.borrow_mut().drain(..) {
+            waiter.wake();
+        }
+    }
+
+    pub(crate) fn push_pending(&self, slot: u32, pending: &Pending) {
+        self.slots.borrow_mut()[slot as usize] = Slot::InFlight(None);
+        let entry = match pending {
+            Pending::Entry(entry) => entry.clone().user_data(u64::from(slot)),
+            Pending::Timeout(d) => {
+                let ts = &self.timespecs[slot as usize];
+                // SAFETY: the slot is ours until its CQE, so nothing else reads or writes this
+                // timespec; the kernel reads it only after the push below.
+                unsafe { *ts.get() = types::Timespec::from(*d) };
+                opcode::Timeout::new(ts.get())
+                    .build()
+                    .user_data(u64::from(slot))
+            }
+        };
+        // SAFETY: entries come from `Reactor::submit`, whose caller promised buffer validity,
+        // or from our own timespec table, which outlives the ring.
+        unsafe { self.push(&entry) };
+    }
+
+    pub(crate) fn poll_slot(&self, slot: u32, cx: &mut Context<'_>) -> Poll<i32> {
+        let mut slots = self.slots.borrow_mut();
+        match &mut slots[slot as usize] {
+            Slot::Done(res) => {
+                let res = *res;
+                slots[slot as usize] = Slot::Free;
+                drop(slots);
+                self.release_slot_locked(slot);
+                Poll::Ready(res)
+            }
+            Slot::InFlight(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Slot::Free | Slot::Orphaned => Poll::Ready(-libc::EINVAL),
+        }
+    }
+
+    /// Called when an `Op` is dropped before completing.
+    pub(crate) fn abandon_slot(&self, slot: u32, wait_for_completion: bool) {
+        {
+            let mut slots = self.slots.borrow_mut();
+            match slots[slot as usize] {
+                Slot::Done(_) => {
+                    slots[slot as usize] = Slot::Free;
+                    drop(slots);
+                    self.release_slot_locked(slot);
+                    return;
+                }
+                Slot::InFlight(_) => slots[slot as usize] = Slot::Orphaned,
+                Slot::Free | Slot::Orphaned => return,
+            }
+        }
+        let cancel = opcode::AsyncCancel::new(u64::from(slot))
+            .build()
+            .user_data(CANCEL_TOKEN);
+        // SAFETY: a cancellation points at no memory.
+        unsafe { self.push(&cancel) };
+        if !wait_for_completion {
+            return;
+        }
+        // The operation may still write into memory its owner is about to free: block until
+        // the kernel is done with it. Only teardown paths drop operations early.
+        while !matches!(self.slots.borrow()[slot as usize], Slot::Free) {
+            self.enter(true);
+        }
+    }
+
+    /// Submits a raw SQE; the future resolves to the CQE's `res`.
+    ///
+    /// # Safety
+    /// Every buffer and descriptor the entry refers to must stay valid until the returned
+    /// future completes or is dropped (dropping waits for the kernel to finish with them).
+    /// Leaking the future with `mem::forget` while the operation is in flight is not allowed.
+    pub unsafe fn submit(&self, entry: squeue::Entry) -> Op<'_> {
+        Op::new(self, Pending::Entry(entry), true)
+    }
+
+    /// Sleeps for `duration` on the ring's clock.
+    pub async fn sleep(&self, duration: Duration) {
+        // A timeout's only memory is the reactor's own timespec, so an early drop need not wait.
+        Op::new(self, Pending::Timeout(duration), false).await;
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 at end of file).
+    pub async fn read_at(
+        &self,
+        fd: &impl AsRawFd,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<usize, Errno> {
+        let len = buf.len().min(SQE_LEN_MAX) as u32;
+        let entry = opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
+            .offset(offset)
+            .build();
+        // SAFETY: `buf` is mutably borrowed for the whole life of this future, and dropping the
+        // future waits for the operation, so the kernel never writes a dead buffer.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res)
+    }
+
+    /// Fills `buf` from `offset`, looping over short reads. End of file before `buf` is full is
+    /// an EIO: a target never invents data.
+    pub async fn read_exact_at(
+        &self,
+        fd: &impl AsRawFd,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .read_at(fd, &mut buf[done..], offset + done as u64)
+                .await?;
+            if n == 0 {
+                return Err(Errno::EIO);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes up to `buf.len()` bytes at `offset`; returns how many were written.
+    pub async fn write_at(
+        &self,
+        fd: &impl AsRawFd,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<usize, Errno> {
+        let len = buf.len().min(SQE_LEN_MAX) as u32;
+        let entry = opcode::Write::new(types::Fd(fd.as_raw_fd()), buf.as_ptr(), len)
+            .offset(offset)
+            .build();
+        // SAFETY: `buf` is borrowed for the life of this future; see `read_at`.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res)
+    }
+
+    /// Writes all of `buf` at `offset`, looping over short writes.
+    pub async fn write_all_at(
+        &self,
+        fd: &impl AsRawFd,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .write_at(fd, &buf[done..], offset + done as u64)
+                .await?;
+            if n == 0 {
+                return Err(Errno::EIO);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `fsync`, or `fdatasync` when `data_only`.
+    pub async fn fsync(&self, fd: &impl AsRawFd, data_only: bool) -> Result<(), Errno> {
+        let mut op = opcode::Fsync::new(types::Fd(fd.as_raw_fd()));
+        if data_only {
+            op = op.flags(types::FsyncFlags::DATASYNC);
+        }
+        // SAFETY: fsync touches no user memory.
+        let res = unsafe { self.submit(op.build()) }.await;
+        result_len(res).map(drop)
+    }
+
+    /// `fallocate(fd, mode, offset, len)`.
+    pub async fn fallocate(
+        &self,
+        fd: &impl AsRawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let entry = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
+            .offset(offset)
+            .mode(mode)
+            .build();
+        // SAFETY: fallocate touches no user memory.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res).map(drop)
+    }
+
+    /// Receives up to `buf.len()` bytes from a socket; 0 means the peer closed.
+    pub async fn recv(&self, fd: RawFd, buf: &mut [u8]) -> Result<usize, Errno> {
+        let len = buf.len().min(SQE_LEN_MAX) as u32;
+        let entry = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len).build();
+        // SAFETY: as `read_at`.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res)
+    }
+
+    /// Fills `buf` from a socket. A peer that closes early gives `Err(ECONNRESET)`... reported
+    /// as [`Errno`] 104.
+    pub async fn recv_exact(&self, fd: RawFd, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.recv(fd, &mut buf[done..]).await?;
+            if n == 0 {
+                return Err(Errno::new(libc::ECONNRESET));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Sends up to `buf.len()` bytes on a socket. `more` sets `MSG_MORE`, to coalesce a reply
+    /// header with the data that follows it.
+    pub async fn send(&self, fd: RawFd, buf: &[u8], more: bool) -> Result<usize, Errno> {
+        let len = buf.len().min(SQE_LEN_MAX) as u32;
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        let entry = opcode::Send::new(types::Fd(fd), buf.as_ptr(), len)
+            .flags(flags)
+            .build();
+        // SAFETY: as `write_at`.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res)
+    }
+
+    /// Sends all of `buf`.
+    pub async fn send_all(&self, fd: RawFd, buf: &[u8], more: bool) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.send(fd, &buf[done..], more).await?;
+            if n == 0 {
+                return Err(Errno::new(libc::EPIPE));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Waits until `fd` is readable (or hung up).
+    pub async fn poll_readable(&self, fd: RawFd) -> Result<(), Errno> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+        // SAFETY: a poll touches no user memory.
+        let res = unsafe { self.submit(entry) }.await;
+        result_len(res).map(drop)
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // Tasks may own buffers that in-flight operations point into. Dropping a task drops its
+        // `Op`s, which wait for their CQEs, so drop tasks while the ring is still alive.
+        let futures = std::mem::take(&mut self.tasks.get_mut().futures);
+        drop(futures);
+    }
+}
+
+fn result_len(res: i32) -> Result<usize, Errno> {
+    if res < 0 {
+        Err(Errno::from_neg(res))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    // COOP_TASKRUN avoids interrupting the thread for completions it will reap anyway at its
+    // next enter; fall back for kernels older than 5.19.
+    match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Ok(ring) => Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::new(entries),
+        Err(e) => Err(explain_ring_error(e)),
+    }
+}
+
+fn explain_ring_error(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => io::Error::new(
+            e.kind(),
+            format!(
+                "cannot create an io_uring ring: {e}; likely cause: io_uring is disabled by \
+                 sysctl, try 'sysctl -w kernel.io_uring_disabled=0'"
+            ),
+        ),
+        Some(libc::ENOSYS) => io::Error::new(
+            e.kind(),
+            format!("cannot create an io_uring ring: {e}; this kernel has no io_uring"),
+        ),
+        _ => io::Error::new(e.kind(), format!("cannot create an io_uring ring: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::rc::Rc;
+
+    #[test]
+    fn file_round_trip() {
+        let rt = Reactor::new(16).unwrap();
+        let mut file = tempfile();
+        file.write_all(&[0u8; 8192]).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        rt.block_on(rt.write_all_at(&file, &data, 4096)).unwrap();
+        let mut back = vec![0u8; 4096];
+        rt.block_on(rt.read_exact_at(&file, &mut back, 4096))
+            .unwrap();
+        assert_eq!(back, data);
+        rt.block_on(rt.fsync(&file, true)).unwrap();
+        let mut past_end = vec![0u8; 16];
+        assert_eq!(
+            rt.block_on(rt.read_exact_at(&file, &mut past_end, 8192)),
+            Err(Errno::EIO)
+        );
+    }
+
+    #[test]
+    fn many_tasks_interleave() {
+        let rt = Rc::new(Reactor::new(8).unwrap());
+        let done = Rc::new(Cell::new(0));
+        // More concurrent sleeps than ring entries and slots, to exercise queue flushing and
+        // slot waiting.
+        for i in 0..600u64 {
+            let rt2 = rt.clone();
+            let done = done.clone();
+            rt.spawn(async move {
+                rt2.sleep(Duration::from_micros(100 + i % 7)).await;
+                done.set(done.get() + 1);
+            });
+        }
+        let rt2 = rt.clone();
+        let d2 = done.clone();
+        rt.block_on(async move {
+            while d2.get() < 600 {
+                rt2.sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert_eq!(done.get(), 600);
+        assert!(rt.stats().slot_waits > 0);
+    }
+
+    #[test]
+    fn remote_wake() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
+        let rt = Reactor::new(8).unwrap();
+        let flag = Arc::new(AtomicBool::new(false));
+        let slot: Arc<Mutex<Option<Waker>>> = Arc::new(Mutex::new(None));
+        let (f2, s2) = (flag.clone(), slot.clone());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            f2.store(true, Ordering::SeqCst);
+            if let Some(w) = s2.lock().unwrap().take() {
+                w.wake();
+            }
+        });
+        rt.block_on(std::future::poll_fn(|cx| {
+            *slot.lock().unwrap() = Some(cx.waker().clone());
+            if flag.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn dropping_a_read_waits_for_it() {
+        let rt = Reactor::new(8).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        rt.block_on(async {
+            let mut buf = vec![0u8; 64];
+            let read = rt.recv(a.as_raw_fd(), &mut buf);
+            let timeout = rt.sleep(Duration::from_millis(10));
+            // Whichever finishes first wins; the recv never does, so it is dropped in flight.
+            let mut read = pin!(read);
+            let mut timeout = pin!(timeout);
+            std::future::poll_fn(|cx| {
+                if read.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                timeout.as_mut().poll(cx)
+            })
+            .await;
+        });
+        drop(b);
+        assert!(rt.stats().ops_completed >= 2);
+    }
+
+    fn tempfile() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("userdm-uring-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+}
