@@ -14,8 +14,10 @@ mod errno;
 mod flags;
 pub mod limits;
 mod op;
+mod result;
 
 pub use errno::Errno;
+pub use result::{IoError, IoResult};
 pub use flags::IoFlags;
 pub use op::{IoOp, OpSet};
 
