@@ -1,1 +1,20 @@
-//! Work in progress.
+//! A mapped device as the kernel's device-mapper defines it, in user space.
+//!
+//! A [`Device`] has a name, an optional uuid set at most once, a live table that serves IO, and
+//! an inactive slot that `load` fills and `resume` swaps in. A new device is suspended with no
+//! table. `suspend` stops new IO and waits for IO in flight; `resume` swaps tables, destroys the
+//! old one and lets held IO through, to the new table. Event numbers count table events
+//! (rename, removal, and events raised by targets) and [`Device::wait_event`] blocks until one.
+//!
+//! Exports (ublk queues, NBD connections, FUSE) call [`Device::io`] from their data-path threads;
+//! the control plane calls everything else from its own thread. The two meet in [`gate`]: an
+//! in-flight counter and a suspended flag.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod device;
+pub mod gate;
+mod info;
+
+pub use device::{Device, DeviceError, Geometry};
+pub use info::{DeviceInfo, IoStats};
