@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod block;
 mod device;
 pub mod gate;
 mod info;
 
+pub use block::BlockDevice;
 pub use device::{Device, DeviceError, Geometry};
 pub use info::{DeviceInfo, IoStats};
