@@ -58,6 +58,8 @@ pub struct Reactor {
     eventfd_buf: Box<UnsafeCell<u64>>,
     running: Cell<bool>,
     stats: Cell<ReactorStats>,
+    /// The waker of `block_on`'s future, made once so that `block_on` does not allocate.
+    main_waker: (Arc<TaskWaker>, Waker),
 }
 
 impl Reactor {
@@ -81,6 +83,9 @@ impl Reactor {
         let timespecs = (0..slot_count)
             .map(|_| UnsafeCell::new(types::Timespec::new()))
             .collect();
+        let shared = Arc::new(Shared::new(eventfd, 1024));
+        let main_tw = TaskWaker::new(shared.clone(), MAIN_TASK);
+        let main_waker = (main_tw.clone(), Waker::from(main_tw));
         let rt = Reactor {
             ring: RefCell::new(ring),
             slots: RefCell::new(slots),
@@ -88,10 +93,11 @@ impl Reactor {
             timespecs,
             slot_waiters: RefCell::new(VecDeque::with_capacity(64)),
             tasks: RefCell::new(Tasks::new()),
-            shared: Arc::new(Shared::new(eventfd, 1024)),
+            shared,
             eventfd_buf: Box::new(UnsafeCell::new(0)),
             running: Cell::new(false),
             stats: Cell::new(ReactorStats::default()),
+            main_waker,
         };
         rt.arm_eventfd();
         Ok(rt)
@@ -125,11 +131,10 @@ impl Reactor {
             "Reactor::block_on is not reentrant"
         );
         let mut main = pin!(main);
-        let main_tw = TaskWaker::new(self.shared.clone(), MAIN_TASK);
-        let main_waker = Waker::from(main_tw.clone());
+        let (main_tw, main_waker) = &self.main_waker;
         main_waker.wake_by_ref();
         let out = loop {
-            if let Some(out) = self.run_ready(&mut main, &main_tw, &main_waker) {
+            if let Some(out) = self.run_ready(&mut main, main_tw, main_waker) {
                 break out;
             }
             self.enter(false);
