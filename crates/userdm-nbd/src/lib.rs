@@ -1,1 +1,6 @@
-//! Work in progress.
+//! userdm's NBD export.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod handshake;
+pub mod proto;
