@@ -1,0 +1,232 @@
+//! Exports as the server sees them: a spec from the command line, and a running export it can
+//! stop.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use userdm_device::Device;
+
+/// Where and how a device is exported, as written after `--export`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExportSpec {
+    /// `nbd:unix:PATH`: an NBD server on a Unix socket.
+    NbdUnix(PathBuf),
+    /// `nbd:tcp:HOST:PORT`: an NBD server on TCP. `HOST` may be a bracketed IPv6 address.
+    NbdTcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// Why an export spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid export '{spec}': {problem}; expected nbd:unix:PATH or nbd:tcp:HOST:PORT")]
+pub struct ExportSpecError {
+    /// The spec given.
+    pub spec: String,
+    /// What is wrong with it.
+    pub problem: &'static str,
+}
+
+impl ExportSpec {
+    /// Parses `nbd:unix:PATH` or `nbd:tcp:HOST:PORT`.
+    pub fn parse(spec: &str) -> Result<ExportSpec, ExportSpecError> {
+        let err = |problem| ExportSpecError {
+            spec: spec.to_string(),
+            problem,
+        };
+        let (kind, rest) = spec.split_once(':').ok_or_else(|| err("no export kind"))?;
+        if kind != "nbd" {
+            return Err(err("unknown export kind (only nbd is available)"));
+        }
+        let (transport, addr) = rest.split_once(':').ok_or_else(|| err("no transport"))?;
+        match transport {
+            "unix" => {
+                if addr.is_empty() {
+                    return Err(err("empty socket path"));
+                }
+                Ok(ExportSpec::NbdUnix(PathBuf::from(addr)))
+            }
+            "tcp" => {
+                let (host, port) = addr.rsplit_once(':').ok_or_else(|| err("no port"))?;
+                let host = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                if host.is_empty() {
+                    return Err(err("empty host"));
+                }
+                let port = port.parse().map_err(|_| err("invalid port"))?;
+                Ok(ExportSpec::NbdTcp {
+                    host: host.to_string(),
+                    port,
+                })
+            }
+            _ => Err(err("unknown transport (use unix or tcp)")),
+        }
+    }
+}
+
+impl fmt::Display for ExportSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExportSpec::NbdUnix(p) => write!(f, "nbd:unix:{}", p.display()),
+            ExportSpec::NbdTcp { host, port } if host.contains(':') => {
+                write!(f, "nbd:tcp:[{host}]:{port}")
+            }
+            ExportSpec::NbdTcp { host, port } => write!(f, "nbd:tcp:{host}:{port}"),
+        }
+    }
+}
+
+/// A running export. The server stops every export before its process exits.
+pub trait Export: Send {
+    /// The device number the kernel gave the exported block device, if the export makes one
+    /// (ublk will: `ublkbN`'s major and minor). `None` for NBD over a socket, whose clients are
+    /// not kernel devices.
+    fn device_number(&self) -> Option<(u32, u32)> {
+        None
+    }
+
+    /// Stops accepting clients, disconnects the ones connected and joins the export's threads.
+    /// Called on the server's main thread.
+    fn stop(&mut self);
+}
+
+/// Starts exports for a server. Implemented by the binary, which knows every export crate; the
+/// server calls it on its main thread while the device comes up.
+pub trait ExportFactory<T>: Send + Sync {
+    /// Starts one export of `handle`'s device.
+    fn start(&self, spec: &ExportSpec, handle: DeviceHandle<T>) -> Result<Box<dyn Export>, String>;
+}
+
+/// An export factory with no exports: every spec is refused. For tests and tools that only
+/// need the control plane.
+pub struct NoExports;
+
+impl<T> ExportFactory<T> for NoExports {
+    fn start(&self, spec: &ExportSpec, _: DeviceHandle<T>) -> Result<Box<dyn Export>, String> {
+        Err(format!(
+            "export {spec}: exports are not available in this build"
+        ))
+    }
+}
+
+/// What an export holds: the device, and the way to tell the server that the last close of a
+/// device whose removal was deferred has happened.
+pub struct DeviceHandle<T> {
+    device: Arc<Device<T>>,
+    exit: ExitSignal,
+}
+
+impl<T> Clone for DeviceHandle<T> {
+    fn clone(&self) -> Self {
+        DeviceHandle {
+            device: self.device.clone(),
+            exit: self.exit.clone(),
+        }
+    }
+}
+
+impl<T: userdm_table::Target> DeviceHandle<T> {
+    pub(crate) fn new(device: Arc<Device<T>>, exit: ExitSignal) -> DeviceHandle<T> {
+        DeviceHandle { device, exit }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device<T>> {
+        &self.device
+    }
+
+    /// Counts an opener in: call when a client connects.
+    pub fn open(&self) {
+        self.device.open();
+    }
+
+    /// Counts an opener out: call when a client disconnects. The last close of a device whose
+    /// removal was deferred makes the server remove it and exit.
+    pub fn close(&self) {
+        if self.device.close() {
+            self.exit.request();
+        }
+    }
+
+    /// Whether the server is going away; exports stop accepting clients then.
+    pub fn exiting(&self) -> bool {
+        self.exit.requested()
+    }
+}
+
+/// Tells the server's main thread to finish: sets a flag, then wakes its blocking `accept` by
+/// connecting to its control socket.
+#[derive(Clone, Debug)]
+pub struct ExitSignal {
+    flag: Arc<AtomicBool>,
+    socket: PathBuf,
+}
+
+impl ExitSignal {
+    pub(crate) fn new(socket: PathBuf) -> ExitSignal {
+        ExitSignal {
+            flag: Arc::new(AtomicBool::new(false)),
+            socket,
+        }
+    }
+
+    /// Asks the server to finish.
+    pub fn request(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+    }
+
+    /// Whether the server was asked to finish.
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        for s in [
+            "nbd:unix:/tmp/x.sock",
+            "nbd:tcp:127.0.0.1:10809",
+            "nbd:tcp:localhost:1",
+            "nbd:tcp:[::1]:10809",
+        ] {
+            assert_eq!(ExportSpec::parse(s).unwrap().to_string(), s);
+        }
+        assert_eq!(
+            ExportSpec::parse("nbd:tcp:[::1]:5").unwrap(),
+            ExportSpec::NbdTcp {
+                host: "::1".into(),
+                port: 5
+            }
+        );
+    }
+
+    #[test]
+    fn bad_specs_say_why() {
+        for (s, why) in [
+            ("", "no export kind"),
+            ("ublk:0", "unknown export kind"),
+            ("nbd", "no export kind"),
+            ("nbd:unix:", "empty socket path"),
+            ("nbd:tcp:host", "no port"),
+            ("nbd:tcp:host:99999", "invalid port"),
+            ("nbd:tcp::80", "empty host"),
+            ("nbd:udp:x:1", "unknown transport"),
+        ] {
+            let e = ExportSpec::parse(s).unwrap_err().to_string();
+            assert!(e.contains(why), "{s}: {e}");
+        }
+    }
+}

@@ -1,0 +1,755 @@
+//! The per-device server process: brings the device up as the CLI asked, then answers control
+//! requests on its main thread until the device is removed.
+
+use std::io::{BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use userdm_device::{Device, DeviceError, Geometry};
+use userdm_table::{split_params, Table, TableError, Target};
+
+use crate::export::{DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec};
+use crate::proto::{
+    decode, read_value, version_of, write_line, Command, CreateConfig, DepReport, DeviceReport,
+    ErrorKind, ErrorReply, GeometryReport, ReadyReport, Reply, Request, Response, RowReport,
+    PROTOCOL_VERSION,
+};
+use crate::rundir::{DeviceDir, DeviceMeta, RunDir};
+use crate::ControlError;
+
+/// Raises table events on the server's device: handed to the code that builds the target
+/// context, before the device exists, and connected to the device once it does.
+#[derive(Clone, Default)]
+pub struct TableEvents {
+    hook: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl TableEvents {
+    /// Raises a table event: the device's event number goes up and `wait`ers wake.
+    pub fn raise(&self) {
+        if let Some(hook) = self.hook.get() {
+            hook();
+        }
+    }
+
+    fn connect(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.hook.set(hook);
+    }
+}
+
+impl std::fmt::Debug for TableEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableEvents")
+    }
+}
+
+/// How long a suspend waits for IO in flight before giving up (and leaving the device active).
+pub const SUSPEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the server waits for a client to send its request line. Requests are handled one
+/// at a time on the main thread, so a silent client holds others up at most this long.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The kernel's default read-ahead (`VM_READAHEAD_PAGES`, 128 KiB), in sectors.
+pub const READ_AHEAD_DEFAULT_SECTORS: u64 = 256;
+
+/// Runs the server of device `id`: reads its [`CreateConfig`] from the CLI's readiness socket,
+/// brings the device up, reports readiness (or the error, and returns it), then serves until
+/// the device is removed or the server is shut down. Returns `Ok` when the server should exit 0.
+///
+/// Call it in a fresh process whose stdio the CLI already redirected: it starts a new session
+/// so that the terminal's signals do not reach it.
+pub fn serve<T>(
+    run: &RunDir,
+    id: u32,
+    make_ctx: &dyn Fn(&CreateConfig, TableEvents) -> T::Context,
+    exports: &dyn ExportFactory<T>,
+) -> Result<(), ControlError>
+where
+    T: Target + 'static,
+{
+    // Only fails when we already lead a session or group, which is harmless.
+    let _ = rustix::process::setsid();
+    let dir = run.device_dir(id);
+    let ready =
+        UnixStream::connect(dir.ready_socket()).map_err(|source| ControlError::Connect {
+            device: format!("#{id}"),
+            path: dir.ready_socket(),
+            source,
+        })?;
+    ready
+        .set_read_timeout(Some(REQUEST_READ_TIMEOUT))
+        .map_err(ControlError::Io)?;
+    let value = read_value(BufReader::new(&ready))?
+        .ok_or_else(|| ControlError::Protocol("the CLI sent no configuration".into()))?;
+    let config: CreateConfig = match version_of(&value) {
+        Some(PROTOCOL_VERSION) => decode(value)?,
+        other => {
+            let e = ControlError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: other.map_or_else(|| "none".into(), |v| v.to_string()),
+            };
+            report_ready(&ready, Err(e.to_string()));
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "userdm server {}: starting device {}",
+        std::process::id(),
+        config.name
+    );
+    match Server::start(dir, config, make_ctx, exports) {
+        Ok(server) => {
+            report_ready(&ready, Ok(server.report()));
+            drop(ready);
+            eprintln!("userdm server: device {} is up", server.device.name());
+            server.run();
+            Ok(())
+        }
+        Err(message) => {
+            eprintln!("userdm server: {message}");
+            report_ready(&ready, Err(message.clone()));
+            Err(ControlError::Launch(message))
+        }
+    }
+}
+
+fn report_ready(stream: &UnixStream, result: Result<DeviceReport, String>) {
+    let (ready, error) = match result {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e)),
+    };
+    let report = ReadyReport {
+        version: PROTOCOL_VERSION,
+        ready,
+        error,
+    };
+    if let Err(e) = write_line(stream, &report) {
+        eprintln!("userdm server: cannot report readiness: {e}");
+    }
+}
+
+/// A device's server: the device, the context its tables are built with, its exports and its
+/// control socket.
+pub struct Server<T: Target> {
+    device: Arc<Device<T>>,
+    ctx: T::Context,
+    dir: DeviceDir,
+    listener: UnixListener,
+    exit: ExitSignal,
+    exports: Vec<Box<dyn Export>>,
+    export_specs: Vec<String>,
+    owner_uid: Option<u32>,
+}
+
+enum Flow {
+    Continue,
+    Exit,
+}
+
+impl<T: Target + 'static> Server<T> {
+    /// Brings the device up: creates it, loads and resumes its table, binds the control socket,
+    /// records the pid and starts the exports. Errors are messages for the CLI to print.
+    pub fn start(
+        dir: DeviceDir,
+        config: CreateConfig,
+        make_ctx: &dyn Fn(&CreateConfig, TableEvents) -> T::Context,
+        factory: &dyn ExportFactory<T>,
+    ) -> Result<Server<T>, String> {
+        let specs = config
+            .exports
+            .iter()
+            .map(|s| ExportSpec::parse(s).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(cwd) = &config.cwd {
+            std::env::set_current_dir(cwd)
+                .map_err(|e| format!("cannot enter directory {}: {e}", cwd.display()))?;
+        }
+        let device = Device::<T>::new(&config.name, config.uuid.as_deref(), config.read_only)
+            .map_err(|e| e.to_string())?;
+        let device = Arc::new(device);
+        let events = TableEvents::default();
+        let weak = Arc::downgrade(&device);
+        events.connect(Box::new(move || {
+            if let Some(d) = weak.upgrade() {
+                d.table_event();
+            }
+        }));
+        let ctx = make_ctx(&config, events);
+        if let Some(text) = &config.table {
+            let table = Table::<T>::parse(&ctx, text).map_err(|e| e.to_string())?;
+            device.load(table);
+        }
+        device.resume().map_err(|e| e.to_string())?;
+        let listener = bind_control_socket(&dir, config.uid, config.gid)?;
+        dir.write_pid(std::process::id())
+            .map_err(|e| e.to_string())?;
+        dir.write_meta(&DeviceMeta {
+            name: config.name.clone(),
+            uuid: config.uuid.clone().filter(|u| !u.is_empty()),
+        })
+        .map_err(|e| e.to_string())?;
+        let exit = ExitSignal::new(dir.socket());
+        let mut server = Server {
+            device,
+            ctx,
+            dir,
+            listener,
+            exit,
+            exports: Vec::new(),
+            export_specs: Vec::new(),
+            owner_uid: config.uid,
+        };
+        for spec in &specs {
+            let handle = DeviceHandle::new(server.device.clone(), server.exit.clone());
+            match factory.start(spec, handle) {
+                Ok(export) => {
+                    server.exports.push(export);
+                    server.export_specs.push(spec.to_string());
+                }
+                Err(e) => {
+                    server.stop_exports();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// Serves control requests until the device is removed or the server shut down, then stops
+    /// the exports and removes the run directory.
+    pub fn run(mut self) {
+        let mut accept_failures = 0u32;
+        loop {
+            if self.exit.requested() {
+                break;
+            }
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => {
+                    accept_failures = 0;
+                    s
+                }
+                Err(e) => {
+                    // EMFILE and the like: back off rather than spin.
+                    accept_failures = accept_failures.saturating_add(1);
+                    eprintln!("userdm server: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(
+                        10 * u64::from(accept_failures.min(100)),
+                    ));
+                    continue;
+                }
+            };
+            if self.exit.requested() {
+                break;
+            }
+            if let Flow::Exit = self.handle(stream) {
+                return;
+            }
+        }
+        eprintln!(
+            "userdm server: device {} removed at its last close",
+            self.device.name()
+        );
+        self.finish();
+    }
+
+    /// Stops the exports and removes the run directory.
+    fn finish(&mut self) {
+        self.stop_exports();
+        if let Err(e) = self.dir.remove() {
+            eprintln!("userdm server: {e}");
+        }
+    }
+
+    fn stop_exports(&mut self) {
+        for mut e in self.exports.drain(..) {
+            e.stop();
+        }
+    }
+
+    fn handle(&mut self, stream: UnixStream) -> Flow {
+        let _ = stream.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
+        let peer_uid = rustix::net::sockopt::socket_peercred(&stream)
+            .ok()
+            .map(|c| c.uid.as_raw());
+        let value = match read_value(BufReader::new(&stream)) {
+            Ok(Some(v)) => v,
+            // A probe or a wake-up connection.
+            Ok(None) => return Flow::Continue,
+            Err(e) => {
+                respond(
+                    &stream,
+                    Response::error(ErrorKind::BadRequest, e.to_string()),
+                );
+                return Flow::Continue;
+            }
+        };
+        match version_of(&value) {
+            Some(PROTOCOL_VERSION) => {}
+            other => {
+                let msg = format!(
+                    "protocol version mismatch: the server of device {} speaks control protocol \
+                     {PROTOCOL_VERSION}, the client {}; use the userdm binary that started the \
+                     server, or remove and recreate the device",
+                    self.device.name(),
+                    other.map_or_else(|| "sent none".into(), |v| v.to_string())
+                );
+                respond(&stream, Response::error(ErrorKind::Version, msg));
+                return Flow::Continue;
+            }
+        }
+        let request: Request = match decode(value) {
+            Ok(r) => r,
+            Err(e) => {
+                respond(
+                    &stream,
+                    Response::error(ErrorKind::BadRequest, e.to_string()),
+                );
+                return Flow::Continue;
+            }
+        };
+        let command = request.command;
+        if !command.is_read_only() && !self.may_change(peer_uid) {
+            let msg = format!(
+                "permission denied: only root and the device's owner may send {} to device {}",
+                command.name(),
+                self.device.name()
+            );
+            respond(&stream, Response::error(ErrorKind::Permission, msg));
+            return Flow::Continue;
+        }
+        self.dispatch(command, stream)
+    }
+
+    /// Root, the server's own uid and the owner named at create may change the device.
+    fn may_change(&self, uid: Option<u32>) -> bool {
+        let Some(uid) = uid else { return false };
+        uid == 0 || uid == rustix::process::geteuid().as_raw() || Some(uid) == self.owner_uid
+    }
+
+    fn dispatch(&mut self, command: Command, stream: UnixStream) -> Flow {
+        let name = self.device.name();
+        let device = &self.device;
+        let result: Result<Reply, ErrorReply> = match command {
+            Command::Info => Ok(Reply::Info(self.report())),
+            Command::Load { table, cwd } => self.load(&table, cwd.as_deref()),
+            Command::Clear => {
+                device.clear();
+                Ok(Reply::Done)
+            }
+            Command::Suspend { noflush, .. } => device
+                .suspend(noflush, Some(SUSPEND_TIMEOUT))
+                .map(|()| Reply::Done)
+                .map_err(device_error),
+            Command::Resume => device.resume().map(|()| Reply::Done).map_err(device_error),
+            Command::Rename { new_name } => self.rename(&new_name),
+            Command::SetUuid { uuid } => self.set_uuid(&uuid),
+            Command::Remove { deferred, force } => {
+                if force && device.live_table().is_some() {
+                    if let Err(e) = self.wipe_table(true) {
+                        respond(&stream, Response::failed(e));
+                        return Flow::Continue;
+                    }
+                }
+                match self.device.remove(deferred) {
+                    Ok(true) => {
+                        eprintln!("userdm server: device {name} removed");
+                        self.finish();
+                        respond(&stream, Response::ok(Reply::Removed { now: true }));
+                        return Flow::Exit;
+                    }
+                    Ok(false) => Ok(Reply::Removed { now: false }),
+                    Err(e) => Err(device_error(e)),
+                }
+            }
+            Command::Message { sector, argv } => self.message(sector, &argv),
+            Command::SetGeometry {
+                cylinders,
+                heads,
+                sectors,
+                start,
+            } => device
+                .set_geometry(Geometry {
+                    cylinders,
+                    heads,
+                    sectors,
+                    start,
+                })
+                .map(|()| Reply::Done)
+                .map_err(device_error),
+            Command::Wait {
+                event_nr,
+                timeout_ms,
+            } => {
+                let device = device.clone();
+                let seen = event_nr.unwrap_or_else(|| device.event_nr());
+                let timeout = timeout_ms.map(Duration::from_millis);
+                std::thread::spawn(move || {
+                    let nr = device.wait_event(seen, timeout);
+                    respond(&stream, Response::ok(Reply::Event { event_nr: nr }));
+                });
+                return Flow::Continue;
+            }
+            Command::Table { inactive } => Ok(Reply::Rows {
+                rows: self.rows(inactive, false),
+            }),
+            Command::Status { inactive } => Ok(Reply::Rows {
+                rows: self.rows(inactive, true),
+            }),
+            Command::Deps { inactive } => Ok(Reply::Deps {
+                deps: self.deps(inactive),
+            }),
+            Command::WipeTable { noflush } => self.wipe_table(noflush).map(|()| Reply::Done),
+            Command::Open => {
+                self.hold_open(stream);
+                return Flow::Continue;
+            }
+            Command::Shutdown => {
+                eprintln!("userdm server: device {name} shut down");
+                self.finish();
+                respond(&stream, Response::ok(Reply::Done));
+                return Flow::Exit;
+            }
+            // `Command` is non_exhaustive for other crates only; this arm is unreachable here
+            // but keeps a new variant from compiling into a silent no-op elsewhere.
+            #[allow(unreachable_patterns)]
+            other => Err(err(
+                ErrorKind::BadRequest,
+                format!("{} is not supported by this server", other.name()),
+            )),
+        };
+        respond(
+            &stream,
+            match result {
+                Ok(reply) => Response::ok(reply),
+                Err(e) => Response::failed(e),
+            },
+        );
+        Flow::Continue
+    }
+
+    fn load(&self, text: &str, cwd: Option<&Path>) -> Result<Reply, ErrorReply> {
+        if let Some(cwd) = cwd {
+            std::env::set_current_dir(cwd).map_err(|e| {
+                err(
+                    ErrorKind::Internal,
+                    format!("cannot enter directory {}: {e}", cwd.display()),
+                )
+            })?;
+        }
+        let table = Table::<T>::parse(&self.ctx, text).map_err(table_error)?;
+        self.device.load(table);
+        Ok(Reply::Done)
+    }
+
+    fn rename(&self, new_name: &str) -> Result<Reply, ErrorReply> {
+        let old = DeviceMeta {
+            name: self.device.name(),
+            uuid: self.device.info().uuid,
+        };
+        let new = DeviceMeta {
+            name: new_name.to_string(),
+            uuid: old.uuid.clone(),
+        };
+        // The name in meta.json is what lookups go by: it changes first, and back on failure.
+        self.dir.write_meta(&new).map_err(internal)?;
+        if let Err(e) = self.device.rename(new_name) {
+            let _ = self.dir.write_meta(&old);
+            return Err(device_error(e));
+        }
+        Ok(Reply::Done)
+    }
+
+    fn set_uuid(&self, uuid: &str) -> Result<Reply, ErrorReply> {
+        self.device.set_uuid(uuid).map_err(device_error)?;
+        self.dir
+            .write_meta(&DeviceMeta {
+                name: self.device.name(),
+                uuid: Some(uuid.to_string()),
+            })
+            .map_err(internal)?;
+        Ok(Reply::Done)
+    }
+
+    fn message(&self, sector: u64, argv: &[String]) -> Result<Reply, ErrorReply> {
+        // Messages starting with '@' go to the device-mapper core, as in the kernel.
+        if argv.first().map(String::as_str) == Some("@cancel_deferred_remove") {
+            if argv.len() != 1 {
+                return Err(err(
+                    ErrorKind::Message,
+                    "@cancel_deferred_remove takes no arguments",
+                ));
+            }
+            if !self.device.cancel_deferred_remove() {
+                return Err(err(
+                    ErrorKind::Message,
+                    format!(
+                        "device {} is not marked for deferred removal",
+                        self.device.name()
+                    ),
+                ));
+            }
+            return Ok(Reply::Message { reply: None });
+        }
+        self.device
+            .message(sector, argv)
+            .map(|reply| Reply::Message { reply })
+            .map_err(|e| match e {
+                DeviceError::Message(m) => err(ErrorKind::Message, m.to_string()),
+                other => device_error(other),
+            })
+    }
+
+    /// Replaces the live table with one `error` row of the same size and makes it live.
+    fn wipe_table(&self, noflush: bool) -> Result<(), ErrorReply> {
+        let size = self.device.size_sectors();
+        let text = if size == 0 {
+            String::new()
+        } else {
+            format!("0 {size} error")
+        };
+        let table = Table::<T>::parse(&self.ctx, &text).map_err(table_error)?;
+        self.device
+            .suspend(noflush, Some(SUSPEND_TIMEOUT))
+            .map_err(device_error)?;
+        self.device.load(table);
+        self.device.resume().map_err(device_error)
+    }
+
+    fn rows(&self, inactive: bool, status: bool) -> Vec<RowReport> {
+        let table = if inactive {
+            self.device.inactive_table()
+        } else {
+            self.device.live_table()
+        };
+        let Some(table) = table else {
+            return Vec::new();
+        };
+        table
+            .rows()
+            .iter()
+            .map(|r| RowReport {
+                start: r.start,
+                length: r.len,
+                target_type: r.target.type_name().to_string(),
+                params: if status {
+                    r.target.status()
+                } else {
+                    r.target.table_params()
+                },
+            })
+            .collect()
+    }
+
+    /// Dependencies in the kernel's order: `dm_get_device` adds each new device at the head
+    /// of the table's list, so the device named last comes first.
+    fn deps(&self, inactive: bool) -> Vec<DepReport> {
+        let table = if inactive {
+            self.device.inactive_table()
+        } else {
+            self.device.live_table()
+        };
+        let Some(table) = table else {
+            return Vec::new();
+        };
+        let mut deps: Vec<DepReport> = Vec::new();
+        for row in table.rows() {
+            for d in row.target.deps() {
+                if !deps
+                    .iter()
+                    .any(|e| (e.major, e.minor, &e.path) == (d.major, d.minor, &d.path))
+                {
+                    deps.push(DepReport {
+                        major: d.major,
+                        minor: d.minor,
+                        path: d.path,
+                    });
+                }
+            }
+        }
+        deps.reverse();
+        deps
+    }
+
+    /// Counts the connection as an opener until the client closes it.
+    fn hold_open(&self, stream: UnixStream) {
+        let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
+        handle.open();
+        respond(&stream, Response::ok(Reply::Opened));
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(None);
+            let mut sink = [0u8; 64];
+            let mut s = &stream;
+            // Anything the client sends is ignored; end of stream or an error is the close.
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            handle.close();
+        });
+    }
+
+    /// The device's facts, as `info` reports them.
+    pub fn report(&self) -> DeviceReport {
+        let info = self.device.info();
+        let (major, minor) = self
+            .exports
+            .iter()
+            .find_map(|e| e.device_number())
+            .unwrap_or((0, self.dir.id()));
+        DeviceReport {
+            name: info.name,
+            uuid: info.uuid,
+            suspended: info.suspended,
+            read_only: info.read_only,
+            live_table: info.live_table,
+            inactive_table: info.inactive_table,
+            open_count: info.open_count,
+            event_nr: info.event_nr,
+            target_count: info.target_count,
+            deferred_remove: info.deferred_remove,
+            size_sectors: info.size_sectors,
+            major,
+            minor,
+            read_ahead: read_ahead_sectors(&self.rows(false, false)),
+            pid: std::process::id(),
+            owner_uid: self.owner_uid,
+            exports: self.export_specs.clone(),
+            geometry: self.device.geometry().map(|g| GeometryReport {
+                cylinders: g.cylinders,
+                heads: g.heads,
+                sectors: g.sectors,
+                start: g.start,
+            }),
+        }
+    }
+}
+
+fn bind_control_socket(
+    dir: &DeviceDir,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<UnixListener, String> {
+    let path = dir.socket();
+    let tmp = path.with_extension("sock.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).map_err(|e| format!("cannot bind {}: {e}", tmp.display()))?;
+    // Mode and owner are set before the socket appears under its real name, so nobody can
+    // connect through a window of wider permissions.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", tmp.display()))?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(&tmp, uid, gid)
+            .map_err(|e| format!("cannot give {} to the owner: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
+    Ok(listener)
+}
+
+fn respond(stream: &UnixStream, response: Response) {
+    if let Err(e) = write_line(stream, &response) {
+        eprintln!("userdm server: cannot answer a client: {e}");
+    }
+}
+
+fn err(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn device_error(e: DeviceError) -> ErrorReply {
+    let kind = match e {
+        DeviceError::Busy { .. } => ErrorKind::Busy,
+        DeviceError::Message(_) => ErrorKind::Message,
+        _ => ErrorKind::Device,
+    };
+    err(kind, e.to_string())
+}
+
+fn table_error(e: TableError) -> ErrorReply {
+    err(ErrorKind::Table, e.to_string())
+}
+
+fn internal(e: ControlError) -> ErrorReply {
+    err(ErrorKind::Internal, e.to_string())
+}
+
+/// The read-ahead the kernel would give a device with this table, in sectors:
+/// `max(VM_READAHEAD, 2 × optimal IO size)` (`disk_update_readahead`).
+///
+/// The optimal IO size is stacked over rows as the least common multiple of the rows' sizes.
+/// The only target here that sets one is `striped` (`chunk × stripes`); rows over files and
+/// the other targets set none. `TargetLimits` has no optimal IO size yet, so it is read from
+/// the striped rows' parameters.
+pub fn read_ahead_sectors(rows: &[RowReport]) -> u32 {
+    let mut io_opt: u64 = 0;
+    for row in rows.iter().filter(|r| r.target_type == "striped") {
+        let words = split_params(&row.params);
+        let (Some(stripes), Some(chunk)) = (
+            words.first().and_then(|w| w.parse::<u64>().ok()),
+            words.get(1).and_then(|w| w.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        let Some(opt) = stripes.checked_mul(chunk).filter(|o| *o > 0) else {
+            continue;
+        };
+        io_opt = if io_opt == 0 { opt } else { lcm(io_opt, opt) };
+    }
+    let ra = READ_AHEAD_DEFAULT_SECTORS.max(io_opt.saturating_mul(2));
+    u32::try_from(ra).unwrap_or(u32::MAX)
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    (a / x).saturating_mul(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(t: &str, p: &str) -> RowReport {
+        RowReport {
+            start: 0,
+            length: 8,
+            target_type: t.into(),
+            params: p.into(),
+        }
+    }
+
+    #[test]
+    fn read_ahead_follows_the_kernel() {
+        assert_eq!(read_ahead_sectors(&[]), 256);
+        assert_eq!(read_ahead_sectors(&[row("linear", "7:0 0")]), 256);
+        // t0 of dmsetup-output-6.12.md: striped 2 × 128 → io_opt 128 KiB → 512 sectors.
+        let t0 = [
+            row("zero", ""),
+            row("error", ""),
+            row("linear", "7:0 0"),
+            row("striped", "2 128 7:0 16384 7:1 0"),
+        ];
+        assert_eq!(read_ahead_sectors(&t0), 512);
+        assert_eq!(read_ahead_sectors(&[row("striped", "1 8 a 0")]), 256);
+        assert_eq!(
+            read_ahead_sectors(&[
+                row("striped", "2 128 a 0 b 0"),
+                row("striped", "3 128 a 0 b 0 c 0")
+            ]),
+            2 * 768
+        );
+        assert_eq!(read_ahead_sectors(&[row("striped", "x y")]), 256);
+        assert_eq!(
+            read_ahead_sectors(&[row("striped", &format!("{} {}", u64::MAX, u64::MAX))]),
+            256
+        );
+    }
+}

@@ -1,0 +1,530 @@
+//! The command line, as clap sees it: dmsetup's verbs and options.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use userdm_control::ExportSpec;
+
+const ABOUT: &str = "A device-mapper that lives in user space";
+
+const LONG_ABOUT: &str = "\
+userdm manages mapped devices with the kernel device-mapper's lifecycle and dmsetup's command \
+line, but serves their tables with its own targets in user space. Each device runs in its own \
+server process, started by `userdm create` and ended by `userdm remove`; a device is exported \
+to clients with --export (NBD over a Unix or TCP socket).
+
+Tables are dmsetup tables: one row per line, `START LENGTH TARGET [PARAMS...]`, in 512-byte \
+sectors, starting at 0 and contiguous. Blank lines and lines starting with '#' are skipped; a \
+'#' later in a line ends it. Run `userdm targets` for the target types.
+
+Commands and output follow dmsetup(8) byte for byte, except that device numbers are userdm's: \
+major 0 and the device's id as minor while no kernel block device exists. Every query verb \
+takes --json for the same facts as JSON.";
+
+const AFTER_HELP: &str = "\
+Environment:
+  USERDM_RUN_DIR   where servers keep their sockets, pids and logs (default /run/userdm)
+
+Exit status:
+  0  success
+  1  the command failed (the device or the table refused it; the message says why)
+  2  usage error (unknown verb or option, missing or malformed argument)
+
+Examples:
+  userdm create t0 --table '0 2048 zero'
+  printf '0 8192 linear /var/tmp/a.img 0\\n8192 8192 memory\\n' | userdm create t1 --export nbd:unix:/run/t1.sock
+  userdm suspend t1; userdm load t1 --table '0 16384 zero'; userdm resume t1
+  userdm info t1; userdm table; userdm ls --json
+  userdm remove_all";
+
+/// `userdm`'s command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "userdm",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Print query results (info, ls, table, status, deps, targets, version) as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More output: `wait -v` prints the device's info after the event, as dmsetup does.
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// The command.
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Create a device and make its table live.
+    #[command(
+        long_about = "Create the device NAME, load its table and resume it, as `dmsetup create` \
+                      does. The table comes from --table, else from TABLE_FILE, else from \
+                      standard input when it is not a terminal; --notable creates the device \
+                      without one. A server process for the device is started in the \
+                      background; the command returns once the device is live and its exports \
+                      listen, or prints the server's error and fails, leaving nothing behind.",
+        after_help = "Examples:\n  userdm create t0 --table '0 2048 zero'\n  userdm create t1 \
+                      table.txt --uuid USERDM-t1 --export nbd:unix:/run/t1.sock\n  echo '0 8 \
+                      error' | userdm create t2 --readonly\n  userdm create t3 --notable"
+    )]
+    Create(CreateArgs),
+
+    /// Remove devices.
+    #[command(
+        long_about = "Remove each device, as `dmsetup remove` does: its exports stop, its \
+                      server exits and its name is free again. An open device (one with \
+                      connected clients) is refused unless --deferred, which removes it at its \
+                      last close. --force first replaces the table with one that fails all IO. \
+                      Devices are processed in order; the first failure stops the command.",
+        after_help = "Examples:\n  userdm remove t0 t1\n  userdm remove --deferred t0"
+    )]
+    Remove(RemoveArgs),
+
+    /// Remove every device.
+    #[command(
+        name = "remove_all",
+        long_about = "Remove every device, as `dmsetup remove_all` does. Open devices are left \
+                      in place (and the command fails) unless --force, which replaces their \
+                      tables with ones that fail all IO first; they still stay while open."
+    )]
+    RemoveAll(RemoveAllArgs),
+
+    /// Suspend devices: hold new IO, let IO in flight finish.
+    #[command(
+        long_about = "Suspend each device, as `dmsetup suspend` does: new IO waits, IO in \
+                      flight completes. Suspending a suspended device does nothing.",
+        after_help = "Example:\n  userdm suspend t0 && userdm load t0 new.table && userdm resume t0"
+    )]
+    Suspend(SuspendArgs),
+
+    /// Resume devices, making a loaded table live.
+    #[command(
+        long_about = "Resume each device, as `dmsetup resume` does: if a table was \
+                      loaded, it replaces the live one (the device is suspended for the swap \
+                      if needed), then held IO continues against the live table."
+    )]
+    Resume(DevicesArgs),
+
+    /// Load a table into a device's inactive slot.
+    #[command(
+        long_about = "Load a table into the device's inactive slot, as `dmsetup load` does; \
+                      `resume` makes it live. The table comes from --table, else TABLE_FILE, \
+                      else standard input when it is not a terminal.",
+        after_help = "Example:\n  userdm load t0 --table '0 4096 zero' && userdm resume t0"
+    )]
+    Load(LoadArgs),
+
+    /// The same as load.
+    #[command(long_about = "The same as `load`, as in dmsetup.")]
+    Reload(LoadArgs),
+
+    /// Drop a device's inactive table.
+    Clear(DeviceArg),
+
+    /// Rename a device, or set its uuid.
+    #[command(
+        long_about = "Rename the device NAME to NEW, as `dmsetup rename` does, or with \
+                      --setuuid set its uuid to NEW (a uuid can be set only once).",
+        after_help = "Examples:\n  userdm rename t0 data\n  userdm rename data --setuuid USERDM-data"
+    )]
+    Rename(RenameArgs),
+
+    /// Send a message to a device's target.
+    #[command(
+        long_about = "Send a message to the target of the live table's row that holds SECTOR, \
+                      as `dmsetup message` does. The words are joined with single spaces. A \
+                      reply is printed, ending with a newline. `@cancel_deferred_remove` \
+                      cancels a deferred removal.",
+        after_help = "Example:\n  userdm message t0 0 countbadblocks"
+    )]
+    Message(MessageArgs),
+
+    /// List devices.
+    #[command(
+        long_about = "List devices as `NAME\\t(MAJOR:MINOR)`, as `dmsetup ls` does; \
+                      `No devices found` when there are none. --target lists only devices \
+                      with a row of that target type (as `NAME\\t(MAJOR, MINOR)`, as dmsetup); \
+                      --tree draws each device with its dependencies."
+    )]
+    Ls(LsArgs),
+
+    /// Show devices' state.
+    #[command(
+        long_about = "Show each device's state in dmsetup's long format, or with \
+                      --columns in its one-line-per-device report. Without names, every \
+                      device."
+    )]
+    Info(InfoArgs),
+
+    /// Show the devices each device depends on.
+    Deps(QueryArgs),
+
+    /// Show the status of each row of devices' tables.
+    Status(QueryArgs),
+
+    /// Show devices' tables.
+    Table(QueryArgs),
+
+    /// Wait for a device's event counter to pass a number.
+    #[command(
+        long_about = "Wait until the device's event number differs from EVENT_NR \
+                      (default 0), as `dmsetup wait` does. Events are raised by renames, \
+                      removal and targets (a failing stripe). With -v, print the device's info \
+                      afterwards."
+    )]
+    Wait(WaitArgs),
+
+    /// List the target types.
+    Targets,
+
+    /// Show userdm's version.
+    #[command(
+        long_about = "Show the version in dmsetup's two-line format. Both lines give \
+                      userdm's version (the driver line adds the control protocol version), \
+                      since there is no libdevmapper or kernel driver involved."
+    )]
+    Version,
+
+    /// Set a device's geometry.
+    #[command(
+        long_about = "Set the device's disk geometry, as `dmsetup setgeometry` does: at \
+                      most 65535 cylinders, 255 heads and 255 sectors per track, not beyond \
+                      the device's size."
+    )]
+    Setgeometry(GeometryArgs),
+
+    /// Replace a device's table with one that fails all IO.
+    #[command(
+        name = "wipe_table",
+        long_about = "Load a table of one `error` row of the device's size and resume, as \
+                      `dmsetup wipe_table` does."
+    )]
+    WipeTable(WipeArgs),
+
+    /// Run a device's server (started by `create`; not for direct use).
+    #[command(name = "__serve", hide = true)]
+    Serve(ServeArgs),
+}
+
+/// Where a table comes from.
+#[derive(Debug, Args)]
+pub struct TableSource {
+    /// The table, rows separated by newlines.
+    #[arg(long, value_name = "ROWS")]
+    pub table: Option<String>,
+
+    /// A file holding the table.
+    #[arg(value_name = "TABLE_FILE", conflicts_with = "table")]
+    pub table_file: Option<PathBuf>,
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The device's name.
+    pub name: String,
+
+    #[command(flatten)]
+    pub source: TableSource,
+
+    /// Create the device without a table.
+    #[arg(short = 'n', long, conflicts_with_all = ["table", "table_file"])]
+    pub notable: bool,
+
+    /// The device's uuid.
+    #[arg(short = 'u', long)]
+    pub uuid: Option<String>,
+
+    /// Make the device read-only.
+    #[arg(short = 'r', long)]
+    pub readonly: bool,
+
+    /// Export the device: nbd:unix:PATH or nbd:tcp:HOST:PORT. May be repeated.
+    #[arg(long, value_name = "SPEC", value_parser = parse_export)]
+    pub export: Vec<ExportSpec>,
+
+    /// Owner uid allowed to control the device besides root; its control socket is chowned.
+    #[arg(short = 'U', long)]
+    pub uid: Option<u32>,
+
+    /// Group of the device's control socket.
+    #[arg(short = 'G', long)]
+    pub gid: Option<u32>,
+}
+
+fn parse_export(s: &str) -> Result<ExportSpec, String> {
+    ExportSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// `remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// Remove at the last close if the device is open.
+    #[arg(long)]
+    pub deferred: bool,
+
+    /// Replace the table with one that fails all IO first.
+    #[arg(short, long)]
+    pub force: bool,
+
+    /// Accepted for dmsetup compatibility (userdm has no udev to race with).
+    #[arg(long)]
+    pub retry: bool,
+
+    /// The devices.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// `remove_all`.
+#[derive(Debug, Args)]
+pub struct RemoveAllArgs {
+    /// Make open devices fail all IO first.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `suspend`.
+#[derive(Debug, Args)]
+pub struct SuspendArgs {
+    /// Let targets that queue IO keep it instead of completing it.
+    #[arg(long)]
+    pub noflush: bool,
+
+    /// Accepted for dmsetup compatibility: there is no filesystem to freeze in user space.
+    #[arg(long)]
+    pub nolockfs: bool,
+
+    /// The devices.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// Verbs taking one or more device names.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Accepted for dmsetup compatibility.
+    #[arg(long, hide = true)]
+    pub noflush: bool,
+
+    /// Accepted for dmsetup compatibility.
+    #[arg(long, hide = true)]
+    pub nolockfs: bool,
+
+    /// The devices.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// Verbs taking one device name.
+#[derive(Debug, Args)]
+pub struct DeviceArg {
+    /// The device.
+    pub name: String,
+}
+
+/// `load` and `reload`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The device.
+    pub name: String,
+
+    #[command(flatten)]
+    pub source: TableSource,
+}
+
+/// `rename`.
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    /// The device.
+    pub name: String,
+
+    /// Set the uuid to NEW instead of renaming.
+    #[arg(long)]
+    pub setuuid: bool,
+
+    /// The new name, or with --setuuid the uuid.
+    #[arg(value_name = "NEW")]
+    pub new: String,
+}
+
+/// `message`.
+#[derive(Debug, Args)]
+pub struct MessageArgs {
+    /// The device.
+    pub name: String,
+
+    /// A sector of the row whose target gets the message.
+    #[arg(value_parser = parse_sector)]
+    pub sector: u64,
+
+    /// The message.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub words: Vec<String>,
+}
+
+fn parse_sector(s: &str) -> Result<u64, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(v) = s.parse() {
+            return Ok(v);
+        }
+    }
+    Err(format!("invalid sector '{s}'"))
+}
+
+/// `ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only devices with a row of this target type.
+    #[arg(long, value_name = "TYPE")]
+    pub target: Option<String>,
+
+    /// Show devices with their dependencies as a tree.
+    #[arg(long)]
+    pub tree: bool,
+}
+
+/// `info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// One line per device, in columns (dmsetup's `info -c`).
+    #[arg(short = 'c', short_alias = 'C', long)]
+    pub columns: bool,
+
+    /// With --columns: no heading line.
+    #[arg(long)]
+    pub noheadings: bool,
+
+    /// The devices (default: all).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// `table`, `status`, `deps`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Only rows of this target type.
+    #[arg(long, value_name = "TYPE")]
+    pub target: Option<String>,
+
+    /// Of the inactive table.
+    #[arg(long)]
+    pub inactive: bool,
+
+    /// Accepted for dmsetup compatibility.
+    #[arg(long, hide = true)]
+    pub noflush: bool,
+
+    /// The devices (default: all).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// `wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The device.
+    pub name: String,
+
+    /// Wait until the event number differs from this.
+    #[arg(default_value_t = 0)]
+    pub event_nr: u32,
+
+    /// Accepted for dmsetup compatibility.
+    #[arg(long, hide = true)]
+    pub noflush: bool,
+}
+
+/// `setgeometry`.
+#[derive(Debug, Args)]
+pub struct GeometryArgs {
+    /// The device.
+    pub name: String,
+    /// Cylinders.
+    pub cylinders: u32,
+    /// Heads.
+    pub heads: u32,
+    /// Sectors per track.
+    pub sectors: u32,
+    /// Start sector.
+    pub start: u64,
+}
+
+/// `wipe_table`.
+#[derive(Debug, Args)]
+pub struct WipeArgs {
+    /// Implies --noflush and --nolockfs, as in dmsetup.
+    #[arg(short, long)]
+    pub force: bool,
+
+    /// Suspend without flushing.
+    #[arg(long)]
+    pub noflush: bool,
+
+    /// Accepted for dmsetup compatibility.
+    #[arg(long)]
+    pub nolockfs: bool,
+
+    /// The devices.
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// `__serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The run directory.
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// The device id.
+    #[arg(long)]
+    pub id: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dmsetup_spellings_parse() {
+        let p = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let c = p(&[
+            "userdm", "create", "t0", "--table", "0 8 zero", "-u", "U", "-r",
+        ])
+        .unwrap();
+        let Verb::Create(a) = c.verb else { panic!() };
+        assert_eq!(a.source.table.as_deref(), Some("0 8 zero"));
+        assert!(a.readonly);
+        assert!(p(&["userdm", "create", "t0", "-n", "--table", "x"]).is_err());
+        let c = p(&["userdm", "rename", "t0", "--setuuid", "U"]).unwrap();
+        let Verb::Rename(a) = c.verb else { panic!() };
+        assert!(a.setuuid && a.new == "U");
+        let c = p(&["userdm", "message", "t0", "0", "a", "-b", "c"]).unwrap();
+        let Verb::Message(a) = c.verb else { panic!() };
+        assert_eq!(a.words, vec!["a", "-b", "c"]);
+        assert!(p(&["userdm", "message", "t0", "x", "a"]).is_err());
+        assert!(p(&["userdm", "remove_all", "-f"]).is_ok());
+        assert!(p(&["userdm", "info", "-c", "--json"]).is_ok());
+        assert!(p(&["userdm", "--json", "ls"]).is_ok());
+        assert!(p(&["userdm", "wait", "t0", "3", "-v"]).is_ok());
+        assert!(p(&["userdm", "create", "t0", "--export", "bogus"]).is_err());
+        assert!(p(&["userdm", "nosuch"]).is_err());
+    }
+}
