@@ -1,0 +1,551 @@
+//! The data plane: one thread per queue, one task per tag.
+//!
+//! A queue thread owns a [`Reactor`], the queue's mmapped `ublksrv_io_desc` array and one page
+//! aligned buffer per tag, all made before the first FETCH. Each tag runs one task, spawned once,
+//! that loops: submit FETCH (first time) or COMMIT_AND_FETCH (after), wait for the CQE, read the
+//! descriptor, serve the request through [`BlockDevice::io`] on the same reactor, and commit the
+//! result with the next command. The ublk commands and the backend's own IO share one ring and
+//! one `io_uring_enter` per loop turn. Nothing is allocated per request.
+//!
+//! On 6.12 the kernel accepts a queue's commands only from the task that fetched them, which is
+//! why every command of a queue is submitted from its thread.
+//!
+//! A tag task ends when its command completes with `UBLK_IO_RES_ABORT` (the device is stopping,
+//! or being quiesced for recovery); the thread ends when every tag task has.
+
+use std::cell::{Cell, RefCell};
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, types};
+use userdm_device::BlockDevice;
+use userdm_io::{Errno, IoFlags, IoHeader, IoOp, SECTOR_SIZE};
+use userdm_ublk_sys as sys;
+use userdm_uring::Reactor;
+
+use crate::os::{self, Mapping};
+use crate::UblkError;
+
+/// How request data moves between the kernel and the server's buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DataMode {
+    /// The kernel copies into and out of the tag buffer named in each command.
+    Copy,
+    /// As `Copy`, but WRITEs arrive in two steps (`UBLK_F_NEED_GET_DATA`).
+    NeedGetData,
+    /// The server copies with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`).
+    UserCopy,
+    /// The kernel registers each request's pages as fixed buffer `tag` of the queue's ring
+    /// (`UBLK_F_AUTO_BUF_REG` with fallback); data still reaches backends that need bytes by user
+    /// copy (the device is created with `UBLK_F_USER_COPY` too).
+    AutoBufReg,
+}
+
+impl DataMode {
+    /// The mode a device with negotiated `flags` uses.
+    pub(crate) fn from_flags(flags: u64) -> DataMode {
+        if flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
+            DataMode::AutoBufReg
+        } else if flags & sys::UBLK_F_USER_COPY != 0 {
+            DataMode::UserCopy
+        } else if flags & sys::UBLK_F_NEED_GET_DATA != 0 {
+            DataMode::NeedGetData
+        } else {
+            DataMode::Copy
+        }
+    }
+
+    fn user_copy(self) -> bool {
+        matches!(self, DataMode::UserCopy | DataMode::AutoBufReg)
+    }
+}
+
+/// What a queue thread needs to start.
+pub(crate) struct QueueConfig {
+    pub(crate) dev_id: u32,
+    pub(crate) q_id: u16,
+    pub(crate) depth: u16,
+    pub(crate) max_io_bytes: u32,
+    pub(crate) mode: DataMode,
+    /// Kernel cpumask of the CPUs that submit to this queue; empty: no pinning.
+    pub(crate) affinity: Vec<u8>,
+    pub(crate) io_flusher: bool,
+    pub(crate) private_mount_ns: bool,
+}
+
+/// State every queue thread of a device shares with its handle.
+#[derive(Default)]
+pub(crate) struct DeviceShared {
+    /// Set when any tag failed for a reason other than the device going away.
+    failed: AtomicBool,
+    /// The first such failure, for messages.
+    first_error: Mutex<Option<String>>,
+    /// Requests served, over all queues (for tests and stats).
+    pub(crate) requests: AtomicU64,
+    /// Requests that failed at the backend.
+    pub(crate) request_errors: AtomicU64,
+}
+
+impl DeviceShared {
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn first_error(&self) -> Option<String> {
+        self.first_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    #[cold]
+    fn fail(&self, what: String) {
+        let mut first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if first.is_none() {
+            *first = Some(what);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// How a queue thread ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct QueueExit {
+    /// Tags whose command ended with ABORT.
+    pub(crate) aborted: u32,
+    /// Tags that ended on an error.
+    pub(crate) failed: u32,
+}
+
+/// The body of a queue thread. Reports setup success or failure on `ready` before serving.
+pub(crate) fn queue_main<B: BlockDevice>(
+    cfg: QueueConfig,
+    cdev: Arc<File>,
+    backend: Arc<B>,
+    shared: Arc<DeviceShared>,
+    ready: mpsc::Sender<Result<(), UblkError>>,
+) -> QueueExit {
+    prepare_thread(&cfg);
+    let q_id = cfg.q_id;
+    let ctx = match QueueCtx::new(cfg, cdev, backend, shared) {
+        Ok(ctx) => Rc::new(ctx),
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return QueueExit {
+                aborted: 0,
+                failed: 0,
+            };
+        }
+    };
+    for tag in 0..ctx.cfg.depth {
+        ctx.rt.spawn(serve_tag(ctx.clone(), tag));
+    }
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    ctx.rt.block_on(AllTagsDone { ctx: &ctx });
+    let exit = QueueExit {
+        aborted: ctx.aborted.get(),
+        failed: ctx.failed.get(),
+    };
+    if exit.failed > 0 {
+        ctx.shared
+            .fail(format!("queue {q_id}: {} tags failed", exit.failed));
+    }
+    drop_ctx(ctx);
+    exit
+}
+
+/// Places the thread: CPU affinity, IO flusher, private mount namespace. Failures are not
+/// fatal; each only loses an optimisation or a safety net, so they are reported on stderr.
+fn prepare_thread(cfg: &QueueConfig) {
+    if let Err(e) = os::set_thread_affinity(&cfg.affinity) {
+        eprintln!(
+            "ublk{}: queue {}: cannot set CPU affinity: {e}",
+            cfg.dev_id, cfg.q_id
+        );
+    }
+    if cfg.io_flusher {
+        if let Err(e) = os::set_io_flusher() {
+            eprintln!(
+                "ublk{}: queue {}: PR_SET_IO_FLUSHER failed: {e} (needs CAP_SYS_RESOURCE)",
+                cfg.dev_id, cfg.q_id
+            );
+        }
+    }
+    if cfg.private_mount_ns {
+        if let Err(e) = os::enter_private_mount_namespace() {
+            eprintln!(
+                "ublk{}: queue {}: cannot enter a private mount namespace: {e}",
+                cfg.dev_id, cfg.q_id
+            );
+        }
+    }
+}
+
+/// Drops the queue state, keeping the tag buffers mapped if any tag ended abnormally: the kernel
+/// may then still hold a buffer address, and unmapping it could let a later mapping at the same
+/// address be written by a late copy.
+fn drop_ctx<B: BlockDevice>(ctx: Rc<QueueCtx<B>>) {
+    let clean = ctx.failed.get() == 0;
+    match Rc::try_unwrap(ctx) {
+        Ok(ctx) => {
+            let QueueCtx { rt, bufs, .. } = ctx;
+            drop(rt);
+            if clean {
+                drop(bufs);
+            } else {
+                std::mem::forget(bufs);
+            }
+        }
+        // A task is still alive (it cannot be: block_on returned after the last one ended).
+        Err(ctx) => std::mem::forget(ctx),
+    }
+}
+
+/// One queue's state, shared by its tag tasks on its thread.
+struct QueueCtx<B> {
+    rt: Reactor,
+    cfg: QueueConfig,
+    cdev: Arc<File>,
+    backend: Arc<B>,
+    shared: Arc<DeviceShared>,
+    iods: IoDescs,
+    /// `depth` buffers of `max_io_bytes`, back to back; tag `t` owns the t-th.
+    bufs: Mapping,
+    live_tags: Cell<u32>,
+    aborted: Cell<u32>,
+    failed: Cell<u32>,
+    all_done: RefCell<Option<Waker>>,
+}
+
+impl<B: BlockDevice> QueueCtx<B> {
+    fn new(
+        cfg: QueueConfig,
+        cdev: Arc<File>,
+        backend: Arc<B>,
+        shared: Arc<DeviceShared>,
+    ) -> Result<QueueCtx<B>, UblkError> {
+        let queue_err = |what: String| UblkError::Queue {
+            queue: cfg.q_id,
+            what,
+        };
+        let iods = IoDescs::map(&cdev, cfg.q_id, cfg.depth)
+            .map_err(|e| queue_err(format!("cannot map the io descriptors: {e}")))?;
+        let buf_bytes = usize::from(cfg.depth) * cfg.max_io_bytes as usize;
+        let bufs = Mapping::anonymous(buf_bytes)
+            .map_err(|e| queue_err(format!("cannot map {buf_bytes} bytes of buffers: {e}")))?;
+        let entries = (u32::from(cfg.depth) * 2).clamp(64, 4096);
+        let rt = Reactor::new(entries)
+            .map_err(|e| queue_err(format!("cannot create the queue's ring: {e}")))?;
+        Ok(QueueCtx {
+            rt,
+            live_tags: Cell::new(u32::from(cfg.depth)),
+            cfg,
+            cdev,
+            backend,
+            shared,
+            iods,
+            bufs,
+            aborted: Cell::new(0),
+            failed: Cell::new(0),
+            all_done: RefCell::new(None),
+        })
+    }
+
+    /// The address of tag `tag`'s buffer.
+    fn buf_addr(&self, tag: u16) -> u64 {
+        let offset = usize::from(tag) * self.cfg.max_io_bytes as usize;
+        self.bufs.as_ptr() as u64 + offset as u64
+    }
+
+    /// What FETCH passes in `ublksrv_io_cmd.addr`.
+    fn fetch_addr(&self, tag: u16) -> u64 {
+        match self.cfg.mode {
+            DataMode::Copy => self.buf_addr(tag),
+            DataMode::NeedGetData | DataMode::UserCopy | DataMode::AutoBufReg => 0,
+        }
+    }
+
+    /// What COMMIT_AND_FETCH passes in `ublksrv_io_cmd.addr` after serving `op`: the buffer the
+    /// kernel copies a READ's data from (and the next request's buffer), or nothing.
+    fn commit_addr(&self, tag: u16, op: Option<IoOp>) -> u64 {
+        match self.cfg.mode {
+            DataMode::Copy => self.buf_addr(tag),
+            DataMode::NeedGetData if op == Some(IoOp::Read) => self.buf_addr(tag),
+            DataMode::NeedGetData | DataMode::UserCopy | DataMode::AutoBufReg => 0,
+        }
+    }
+
+    /// Submits one IO command for `tag` and waits for its CQE.
+    async fn io_cmd(&self, cmd_op: u32, tag: u16, result: i32, addr: u64) -> i32 {
+        let cmd = sys::ublksrv_io_cmd {
+            q_id: self.cfg.q_id,
+            tag,
+            result,
+            addr,
+        };
+        let mut entry = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
+            .cmd(encode_io_cmd(&cmd));
+        if self.cfg.mode == DataMode::AutoBufReg {
+            let reg = sys::ublk_auto_buf_reg {
+                index: tag,
+                flags: sys::UBLK_AUTO_BUF_REG_FALLBACK,
+                reserved0: 0,
+                reserved1: 0,
+            };
+            entry = entry.addr(Some(sys::ublk_auto_buf_reg_to_sqe_addr(reg)));
+        }
+        // SAFETY: the command names at most this tag's buffer, which lives in `bufs` until the
+        // thread ends (longer if a tag ended abnormally); the descriptor is held by `cdev`.
+        unsafe { self.rt.submit(entry.build()) }.await
+    }
+
+    /// Serves the request now in `tag`'s descriptor; returns the result to commit and the op.
+    async fn serve(&self, tag: u16) -> (i32, Option<IoOp>) {
+        let Some(iod) = self.iods.get(tag) else {
+            return (-libc::EINVAL, None);
+        };
+        let Some(op) = IoOp::from_ublk(sys::ublksrv_get_op(iod.op_flags)) else {
+            return (-libc::EOPNOTSUPP, None);
+        };
+        let len_bytes = u64::from(iod.nr_sectors) * SECTOR_SIZE;
+        let header = IoHeader {
+            op,
+            flags: IoFlags::from_ublk(iod.op_flags),
+            sector: iod.start_sector,
+            len_bytes,
+        };
+        let carries_data = op.carries_write_data() || op.returns_data();
+        let res = if carries_data {
+            self.serve_data(tag, header).await
+        } else {
+            self.backend.io(&self.rt, header, &mut []).await
+        };
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        let result = match res {
+            // A data request reports its bytes; a short READ would be retried by the kernel
+            // and a zero-byte one turned into EIO, so always report all of them.
+            Ok(()) if carries_data => len_bytes as i32,
+            Ok(()) => 0,
+            Err(e) => {
+                self.shared.request_errors.fetch_add(1, Ordering::Relaxed);
+                -e.get()
+            }
+        };
+        (result, Some(op))
+    }
+
+    async fn serve_data(&self, tag: u16, header: IoHeader) -> Result<(), Errno> {
+        let len = usize::try_from(header.len_bytes).map_err(|_| Errno::EINVAL)?;
+        if len > self.cfg.max_io_bytes as usize {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: tag `tag`'s buffer is `max_io_bytes` long at `buf_addr(tag)`, inside the live
+        // `bufs` mapping; only this tag's task makes slices of it, one at a time, and the kernel
+        // touches it only while this task is parked in `io_cmd` (before completion or after
+        // commit), never while this slice exists.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.buf_addr(tag) as *mut u8, len) };
+        let user_copy = self.cfg.mode.user_copy();
+        if user_copy && header.op.carries_write_data() {
+            self.copy_from_request(tag, buf)?;
+        }
+        self.backend.io(&self.rt, header, buf).await?;
+        if user_copy && header.op.returns_data() {
+            self.copy_to_request(tag, buf)?;
+        }
+        Ok(())
+    }
+
+    /// USER_COPY: reads the request's data (a WRITE's payload) from `/dev/ublkcN`. A plain
+    /// pread: it is a memory copy in the kernel that never blocks on IO, so a ring round trip
+    /// (which the char device would punt to an io-wq worker) would only add latency.
+    fn copy_from_request(&self, tag: u16, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = self.user_copy_pos(tag, done)?;
+            match os::pread(&*self.cdev, &mut buf[done..], pos) {
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => done += n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(Errno::from(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// USER_COPY: writes a READ's data into the request.
+    fn copy_to_request(&self, tag: u16, buf: &[u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = self.user_copy_pos(tag, done)?;
+            match os::pwrite(&*self.cdev, &buf[done..], pos) {
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => done += n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(Errno::from(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn user_copy_pos(&self, tag: u16, offset: usize) -> Result<u64, Errno> {
+        let offset = u32::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        sys::ublk_user_copy_pos(self.cfg.q_id, tag, offset).ok_or(Errno::EINVAL)
+    }
+
+    fn tag_ended(&self, tag: u16, end: TagEnd) {
+        match end {
+            TagEnd::Aborted => self.aborted.set(self.aborted.get() + 1),
+            TagEnd::Failed(res) => {
+                self.failed.set(self.failed.get() + 1);
+                self.shared.fail(format!(
+                    "queue {} tag {tag}: command failed: {}",
+                    self.cfg.q_id,
+                    std::io::Error::from_raw_os_error(res.saturating_neg())
+                ));
+            }
+        }
+        let left = self.live_tags.get().saturating_sub(1);
+        self.live_tags.set(left);
+        if left == 0 {
+            if let Some(waker) = self.all_done.borrow_mut().take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+enum TagEnd {
+    Aborted,
+    Failed(i32),
+}
+
+/// One tag's whole life: FETCH, then serve and COMMIT_AND_FETCH until the device goes away.
+async fn serve_tag<B: BlockDevice>(q: Rc<QueueCtx<B>>, tag: u16) {
+    let mut cmd_op = sys::UBLK_U_IO_FETCH_REQ;
+    let mut result = 0;
+    let mut addr = q.fetch_addr(tag);
+    let end = loop {
+        match q.io_cmd(cmd_op, tag, result, addr).await {
+            sys::UBLK_IO_RES_OK => {
+                let (res, op) = q.serve(tag).await;
+                cmd_op = sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ;
+                result = res;
+                addr = q.commit_addr(tag, op);
+            }
+            sys::UBLK_IO_RES_NEED_GET_DATA => {
+                cmd_op = sys::UBLK_U_IO_NEED_GET_DATA;
+                result = 0;
+                addr = q.buf_addr(tag);
+            }
+            sys::UBLK_IO_RES_ABORT => break TagEnd::Aborted,
+            other => break TagEnd::Failed(other),
+        }
+    };
+    q.tag_ended(tag, end);
+}
+
+/// Resolves when every tag task of the queue has ended.
+struct AllTagsDone<'a, B> {
+    ctx: &'a QueueCtx<B>,
+}
+
+impl<B> Future for AllTagsDone<'_, B> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ctx.live_tags.get() == 0 {
+            return Poll::Ready(());
+        }
+        *self.ctx.all_done.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The queue's `ublksrv_io_desc` array, mapped read-only from `/dev/ublkcN`. The kernel writes
+/// it, so it is read only through volatile copies, never through references.
+struct IoDescs {
+    map: Mapping,
+    depth: u16,
+}
+
+impl IoDescs {
+    fn map(cdev: &File, q_id: u16, depth: u16) -> std::io::Result<IoDescs> {
+        let page = os::page_size();
+        let desc = size_of::<sys::ublksrv_io_desc>();
+        let stride = os::round_up(usize::from(sys::UBLK_MAX_QUEUE_DEPTH) * desc, page)
+            .ok_or(std::io::ErrorKind::InvalidInput)?;
+        let len = os::round_up(usize::from(depth) * desc, page)
+            .ok_or(std::io::ErrorKind::InvalidInput)?;
+        let offset = sys::UBLKSRV_CMD_BUF_OFFSET + u64::from(q_id) * stride as u64;
+        let map = Mapping::shared_read_only(cdev.as_raw_fd(), len, offset)?;
+        Ok(IoDescs { map, depth })
+    }
+
+    /// A copy of tag `tag`'s descriptor; `None` for a tag out of range.
+    fn get(&self, tag: u16) -> Option<sys::ublksrv_io_desc> {
+        if tag >= self.depth {
+            return None;
+        }
+        let base = self.map.as_ptr().cast::<sys::ublksrv_io_desc>();
+        // SAFETY: `tag < depth`, and the mapping holds `depth` descriptors (rounded up to a
+        // page), aligned because mappings are page aligned; a volatile read copies the bytes the
+        // kernel wrote before completing the command, without forming a reference.
+        Some(unsafe { std::ptr::read_volatile(base.add(usize::from(tag))) })
+    }
+}
+
+/// The 16-byte command area of an IO command.
+pub(crate) fn encode_io_cmd(c: &sys::ublksrv_io_cmd) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..2].copy_from_slice(&c.q_id.to_ne_bytes());
+    out[2..4].copy_from_slice(&c.tag.to_ne_bytes());
+    out[4..8].copy_from_slice(&c.result.to_ne_bytes());
+    out[8..16].copy_from_slice(&c.addr.to_ne_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_cmd_encoding_matches_the_struct_layout() {
+        let c = sys::ublksrv_io_cmd {
+            q_id: 3,
+            tag: 127,
+            result: -5,
+            addr: 0xdead_beef_0000,
+        };
+        let bytes = encode_io_cmd(&c);
+        // SAFETY: ublksrv_io_cmd is 16 bytes of plain integers.
+        let back: sys::ublksrv_io_cmd = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn data_mode_follows_the_negotiated_flags() {
+        assert_eq!(DataMode::from_flags(0), DataMode::Copy);
+        assert_eq!(
+            DataMode::from_flags(sys::UBLK_F_NEED_GET_DATA),
+            DataMode::NeedGetData
+        );
+        assert_eq!(
+            DataMode::from_flags(sys::UBLK_F_USER_COPY),
+            DataMode::UserCopy
+        );
+        assert_eq!(
+            DataMode::from_flags(sys::UBLK_F_USER_COPY | sys::UBLK_F_AUTO_BUF_REG),
+            DataMode::AutoBufReg
+        );
+    }
+}
