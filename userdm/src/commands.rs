@@ -460,11 +460,15 @@ impl Session {
         };
         self.call(&found, command)?;
         if self.verbose > 0 || self.json {
-            let found = self.find(name, None)?;
+            // The event may have been a rename: ask the same server, not the name.
+            let info = match self.call(&found, Command::Info)? {
+                Reply::Info(info) => info,
+                other => bail!("unexpected reply from device {name}: {other:?}"),
+            };
             if self.json {
-                return print_json(&[found.info]);
+                return print_json(&[info]);
             }
-            return print(&output::info_long(&found.info));
+            return print(&output::info_long(&info));
         }
         Ok(())
     }

@@ -1,7 +1,16 @@
-//! The exports the server can start.
+//! The exports a device's server can start: NBD over a Unix or TCP socket.
+
+use std::sync::Arc;
 
 use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec};
+use userdm_device::BlockDevice;
+use userdm_io::{Errno, IoHeader, OpSet};
+use userdm_nbd::{
+    serve_tcp, serve_unix, DeviceBackend, Exports as NbdExports, NbdServer, ServerConfig,
+};
+use userdm_table::TargetLimits;
 use userdm_targets::AnyTarget;
+use userdm_uring::Reactor;
 
 /// Starts the exports named with `--export`.
 pub struct Exports;
@@ -10,10 +19,79 @@ impl ExportFactory<AnyTarget> for Exports {
     fn start(
         &self,
         spec: &ExportSpec,
-        _handle: DeviceHandle<AnyTarget>,
+        handle: DeviceHandle<AnyTarget>,
     ) -> Result<Box<dyn Export>, String> {
-        Err(format!(
-            "export {spec}: the NBD export is not available yet"
-        ))
+        let name = handle.device().name();
+        let backend = Arc::new(DeviceBackend(Arc::new(Opener(handle))));
+        let exports = NbdExports::new().with(&name, "userdm device", backend);
+        let server = match spec {
+            ExportSpec::NbdUnix(path) => {
+                // serve_unix replaces a stale socket file; a live one belongs to someone else.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(format!(
+                        "export {spec}: {} is in use by another server",
+                        path.display()
+                    ));
+                }
+                serve_unix(path, exports, ServerConfig::default())
+            }
+            ExportSpec::NbdTcp { host, port } => {
+                serve_tcp((host.as_str(), *port), exports, ServerConfig::default())
+            }
+            other => return Err(format!("export {other}: not supported by this build")),
+        }
+        .map_err(|e| format!("export {spec}: cannot listen: {e}"))?;
+        Ok(Box::new(Nbd(Some(server))))
+    }
+}
+
+/// A running NBD server.
+struct Nbd(Option<NbdServer>);
+
+impl Export for Nbd {
+    fn stop(&mut self) {
+        if let Some(server) = self.0.take() {
+            server.shutdown();
+        }
+    }
+}
+
+/// The device as NBD sees it. Connections count as openers through the server's handle, so
+/// that the last close of a device whose removal was deferred removes it.
+struct Opener(DeviceHandle<AnyTarget>);
+
+impl BlockDevice for Opener {
+    fn size_bytes(&self) -> u64 {
+        BlockDevice::size_bytes(&**self.0.device())
+    }
+
+    fn read_only(&self) -> bool {
+        self.0.device().read_only()
+    }
+
+    fn ops(&self) -> OpSet {
+        BlockDevice::ops(&**self.0.device())
+    }
+
+    fn limits(&self) -> TargetLimits {
+        BlockDevice::limits(&**self.0.device())
+    }
+
+    fn io(
+        &self,
+        rt: &Reactor,
+        io: IoHeader,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = Result<(), Errno>> {
+        self.0.device().io(rt, io, buf)
+    }
+
+    fn open(&self) {
+        self.0.open();
+    }
+
+    fn close(&self) -> bool {
+        self.0.close();
+        false
     }
 }

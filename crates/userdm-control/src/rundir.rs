@@ -217,8 +217,14 @@ impl RunDir {
     pub fn scan(&self, lock: Option<&RunLock>) -> Result<Scan, ControlError> {
         let mut scan = Scan::default();
         for dir in self.device_dirs()? {
-            if let Some(info) = self.probe_or_reap(&dir, lock, &mut scan.warnings)? {
-                scan.devices.push(Found { dir, info });
+            match self.probe_or_reap(&dir, lock, &mut scan.warnings) {
+                Ok(Some(info)) => scan.devices.push(Found { dir, info }),
+                Ok(None) => {}
+                // One server that misbehaves must not hide the others.
+                Err(e) => {
+                    scan.warnings
+                        .push(format!("skipped device id {}: {}", dir.id, error_chain(&e)))
+                }
             }
         }
         Ok(scan)
@@ -282,6 +288,17 @@ impl RunDir {
             }
         }
     }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
 }
 
 impl DeviceDir {
@@ -357,11 +374,29 @@ impl DeviceDir {
         fs::rename(&tmp, path).map_err(|e| err("cannot write", e))
     }
 
-    /// Whether the recorded server process exists.
+    /// Whether the recorded server process exists: it runs (a zombie, which a container's
+    /// init may never reap, does not count) and is a userdm server (its pid was not reused).
     pub fn server_running(&self) -> bool {
         let Some(pid) = self.read_pid() else {
             return false;
         };
+        if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name, which is in parentheses and may hold any
+            // byte, so look after the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if matches!(state, Some("Z" | "X" | "x")) {
+                return false;
+            }
+            if let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) {
+                let serve = crate::launch::SERVE_SUBCOMMAND.as_bytes();
+                if !cmdline.split(|b| *b == 0).any(|arg| arg == serve) {
+                    return false;
+                }
+            }
+            return true;
+        }
         let Some(pid) = i32::try_from(pid)
             .ok()
             .and_then(rustix::process::Pid::from_raw)
@@ -444,8 +479,9 @@ mod tests {
         d.write_meta(&meta).unwrap();
         assert_eq!(d.read_meta(), Some(meta));
         assert!(!d.server_running());
+        // A live process that is not a server (a reused pid) does not count.
         d.write_pid(std::process::id()).unwrap();
-        assert!(d.server_running());
+        assert!(!d.server_running());
         fs::write(d.pid_file(), "garbage").unwrap();
         assert!(!d.server_running());
     }

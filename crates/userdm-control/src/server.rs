@@ -258,6 +258,9 @@ impl<T: Target + 'static> Server<T> {
 
     /// Stops the exports and removes the run directory.
     fn finish(&mut self) {
+        // Exports drain their requests in flight before they stop; IO held by a suspend would
+        // never drain, so let it through first.
+        self.device.gate().open();
         self.stop_exports();
         if let Err(e) = self.dir.remove() {
             eprintln!("userdm server: {e}");
