@@ -6,7 +6,8 @@ use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec};
 use userdm_device::BlockDevice;
 use userdm_io::{Errno, IoHeader, OpSet};
 use userdm_nbd::{
-    serve_tcp, serve_unix, DeviceBackend, Exports as NbdExports, NbdServer, ServerConfig,
+    serve_tcp, serve_unix, DeviceBackend, Exports as NbdExports, ListenAddr, NbdServer,
+    ServerConfig,
 };
 use userdm_table::TargetLimits;
 use userdm_targets::AnyTarget;
@@ -41,14 +42,28 @@ impl ExportFactory<AnyTarget> for Exports {
             other => return Err(format!("export {other}: not supported by this build")),
         }
         .map_err(|e| format!("export {spec}: cannot listen: {e}"))?;
-        Ok(Box::new(Nbd(Some(server))))
+        let address = match server.local_addr() {
+            ListenAddr::Tcp(addr) => Some(
+                ExportSpec::NbdTcp {
+                    host: addr.ip().to_string(),
+                    port: addr.port(),
+                }
+                .to_string(),
+            ),
+            _ => None,
+        };
+        Ok(Box::new(Nbd(Some(server), address)))
     }
 }
 
-/// A running NBD server.
-struct Nbd(Option<NbdServer>);
+/// A running NBD server, and its real address if it differs from the spec.
+struct Nbd(Option<NbdServer>, Option<String>);
 
 impl Export for Nbd {
+    fn address(&self) -> Option<String> {
+        self.1.clone()
+    }
+
     fn stop(&mut self) {
         if let Some(server) = self.0.take() {
             server.shutdown();

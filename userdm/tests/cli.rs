@@ -466,6 +466,18 @@ fn bad_input_is_refused_and_changes_nothing() {
             2,
             "invalid export 'ftp:x'",
         ),
+        (
+            &[
+                "create",
+                "x",
+                "--table",
+                "0 8 zero",
+                "--export",
+                "nbd:unix:/nonexistent/s.sock",
+            ],
+            1,
+            "create x: export nbd:unix:/nonexistent/s.sock: cannot listen",
+        ),
         (&["nosuch"], 2, "unrecognized subcommand"),
         (&[], 2, "Usage"),
     ];
@@ -835,4 +847,111 @@ fn nbd_fio_verify_across_suspend_and_reload() {
     assert_eq!(line.split(';').nth(4), Some("0"), "{line}");
     let info = env.json(&["info", "--json", "f0"]);
     assert_eq!(info[0]["open_count"], 0);
+}
+
+/// A TCP export on port 0 reports the port it got; a second device cannot take a Unix socket
+/// that is in use.
+#[test]
+fn nbd_tcp_port_and_socket_in_use() {
+    if !have("nbdinfo") {
+        eprintln!("skipped: nbdinfo (libnbd-bin) is not installed");
+        return;
+    }
+    let env = Env::new();
+    env.ok(&[
+        "create",
+        "m0",
+        "--table",
+        "0 8192 memory",
+        "--export",
+        "nbd:tcp:127.0.0.1:0",
+    ]);
+    let export = env.json(&["info", "--json", "m0"])[0]["exports"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = export.strip_prefix("nbd:tcp:127.0.0.1:").unwrap();
+    assert_ne!(port, "0");
+    let out = Command::new("nbdinfo")
+        .args(["--size", &format!("nbd://127.0.0.1:{port}/m0")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4194304");
+    let sock = env.path("m1.sock");
+    let spec = format!("nbd:unix:{}", sock.display());
+    env.ok(&["create", "m1", "--table", "0 8 zero", "--export", &spec]);
+    let e = env.fails(
+        &["create", "m2", "--table", "0 8 zero", "--export", &spec],
+        1,
+    );
+    assert!(e.contains("is in use by another server"), "{e}");
+    assert_eq!(env.ok(&["ls"]), "m0\t(0:0)\nm1\t(0:1)\n");
+}
+
+/// Root and the owner named at create may change a device; anyone who can reach the socket
+/// may query it.
+#[test]
+fn owners_and_strangers() {
+    if !have("setpriv") || !is_root() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let env = Env::new();
+    // Let other users traverse the test's directory.
+    std::fs::set_permissions(
+        env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    env.ok(&[
+        "create", "o0", "--table", "0 8 zero", "--uid", "65534", "--gid", "65534",
+    ]);
+    let as_user = |uid: &str, args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            BIN,
+        ])
+        .args(args)
+        .env("USERDM_RUN_DIR", env.run_dir())
+        .stdin(Stdio::null());
+        c.output().unwrap()
+    };
+    let socket = env.socket("o0");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+    assert_eq!(std::os::unix::fs::MetadataExt::mode(&meta) & 0o777, 0o600);
+    let out = as_user("65534", &["suspend", "o0"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = as_user("65534", &["rename", "o0", "o1"]);
+    assert!(out.status.success(), "{out:?}");
+    env.ok(&["resume", "o1"]);
+    // A stranger cannot even connect to a 0600 socket...
+    let out = as_user("65533", &["suspend", "o1"]);
+    check_fails(&["suspend"], &out, 1);
+    // ...and behind a socket opened up by hand, may only query.
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = as_user("65533", &["table", "o1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0 8 zero \n");
+    let out = as_user("65533", &["suspend", "o1"]);
+    let e = check_fails(&["suspend"], &out, 1);
+    assert!(
+        e.contains(
+            "permission denied: only root and the device's owner may send suspend to device o1"
+        ),
+        "{e}"
+    );
+    assert!(env
+        .ok(&["info", "o1"])
+        .contains("State:             ACTIVE\n"));
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -93,6 +93,12 @@ pub trait Export: Send {
         None
     }
 
+    /// Where clients reach the export, in `--export` syntax, when it differs from the spec
+    /// given (a TCP port 0 becomes the port the kernel picked).
+    fn address(&self) -> Option<String> {
+        None
+    }
+
     /// Stops accepting clients, disconnects the ones connected and joins the export's threads.
     /// Called on the server's main thread.
     fn stop(&mut self);

@@ -130,20 +130,28 @@ impl RunDir {
     }
 
     /// Takes the global lock, waiting for it.
+    ///
+    /// The lock file is mode 0644 and locked through a read-only descriptor, so that device
+    /// owners named with `--uid` can take it too (to rename their devices).
     pub fn lock(&self) -> Result<RunLock, ControlError> {
         self.ensure()?;
         let path = self.root.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| ControlError::RunDir {
-                what: "cannot open lock file",
-                path: path.clone(),
-                source,
-            })?;
+        let open = || File::open(&path);
+        let file = match open() {
+            Err(e) if e.kind() == IoKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o644)
+                .open(&path)
+                .and_then(|_| open()),
+            other => other,
+        }
+        .map_err(|source| ControlError::RunDir {
+            what: "cannot open lock file",
+            path: path.clone(),
+            source,
+        })?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
             ControlError::RunDir {
                 what: "cannot lock",

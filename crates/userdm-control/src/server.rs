@@ -207,8 +207,9 @@ impl<T: Target + 'static> Server<T> {
             let handle = DeviceHandle::new(server.device.clone(), server.exit.clone());
             match factory.start(spec, handle) {
                 Ok(export) => {
+                    let address = export.address().unwrap_or_else(|| spec.to_string());
                     server.exports.push(export);
-                    server.export_specs.push(spec.to_string());
+                    server.export_specs.push(address);
                 }
                 Err(e) => {
                     server.stop_exports();
