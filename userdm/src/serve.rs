@@ -5,13 +5,14 @@ use std::sync::Arc;
 use anyhow::Result;
 use userdm_control::proto::CreateConfig;
 use userdm_control::rundir::RunDir;
-use userdm_control::server::{serve as serve_device, TableEvents};
+use userdm_control::server::{detach, serve as serve_device, TableEvents};
 use userdm_targets::{AnyTarget, TargetContext};
 
 use crate::cli::ServeArgs;
 
 /// Runs the server of device `args.id` until the device is removed.
 pub fn serve(args: ServeArgs) -> Result<()> {
+    detach();
     let run = RunDir::new(args.run_dir);
     let make_ctx = |config: &CreateConfig, events: TableEvents| {
         TargetContext::new()

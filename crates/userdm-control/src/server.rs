@@ -60,8 +60,7 @@ pub const READ_AHEAD_DEFAULT_SECTORS: u64 = 256;
 /// brings the device up, reports readiness (or the error, and returns it), then serves until
 /// the device is removed or the server is shut down. Returns `Ok` when the server should exit 0.
 ///
-/// Call it in a fresh process whose stdio the CLI already redirected: it starts a new session
-/// so that the terminal's signals do not reach it.
+/// Call it in a fresh process whose stdio the CLI already redirected, after [`detach`].
 pub fn serve<T>(
     run: &RunDir,
     id: u32,
@@ -71,8 +70,6 @@ pub fn serve<T>(
 where
     T: Target + 'static,
 {
-    // Only fails when we already lead a session or group, which is harmless.
-    let _ = rustix::process::setsid();
     let dir = run.device_dir(id);
     let ready =
         UnixStream::connect(dir.ready_socket()).map_err(|source| ControlError::Connect {
@@ -115,6 +112,13 @@ where
             Err(ControlError::Launch(message))
         }
     }
+}
+
+/// Starts a new session, so that signals from the terminal the CLI ran in (hangup, ^C) do not
+/// reach the server. Call first thing in the server process.
+pub fn detach() {
+    // Fails only when the process already leads a process group, which is as good.
+    let _ = rustix::process::setsid();
 }
 
 fn report_ready(stream: &UnixStream, result: Result<DeviceReport, String>) {
