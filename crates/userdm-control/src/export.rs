@@ -172,7 +172,7 @@ impl<T: userdm_table::Target> DeviceHandle<T> {
 /// connecting to its control socket.
 #[derive(Clone, Debug)]
 pub struct ExitSignal {
-    flag: Arc<AtomicBool>,
+    pub(crate) flag: Arc<AtomicBool>,
     socket: PathBuf,
 }
 

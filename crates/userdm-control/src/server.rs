@@ -5,7 +5,9 @@ use std::io::{BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use userdm_device::{Device, DeviceError, Geometry};
@@ -49,8 +51,8 @@ impl std::fmt::Debug for TableEvents {
 /// How long a suspend waits for IO in flight before giving up (and leaving the device active).
 pub const SUSPEND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long the server waits for a client to send its request line. Requests are handled one
-/// at a time on the main thread, so a silent client holds others up at most this long.
+/// How long the server waits for a client to send its request line (on a thread of the
+/// connection's own: a silent client holds up nobody but itself).
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kernel's default read-ahead (`VM_READAHEAD_PAGES`, 128 KiB), in sectors.
@@ -227,30 +229,31 @@ impl<T: Target + 'static> Server<T> {
     /// Serves control requests until the device is removed or the server shut down, then stops
     /// the exports and removes the run directory.
     pub fn run(mut self) {
-        let mut accept_failures = 0u32;
-        loop {
-            if self.exit.requested() {
-                break;
+        let (tx, rx) = mpsc::channel::<Incoming>();
+        let acceptor = match self.listener.try_clone() {
+            Ok(listener) => {
+                let exit = self.exit.clone();
+                std::thread::spawn(move || accept_loop(&listener, &exit, &tx))
             }
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => {
-                    accept_failures = 0;
-                    s
-                }
-                Err(e) => {
-                    // EMFILE and the like: back off rather than spin.
-                    accept_failures = accept_failures.saturating_add(1);
-                    eprintln!("userdm server: accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(
-                        10 * u64::from(accept_failures.min(100)),
-                    ));
-                    continue;
-                }
+            Err(e) => {
+                eprintln!("userdm server: cannot start the acceptor: {e}");
+                self.finish();
+                return;
+            }
+        };
+        // Requests arrive read and parsed; the main thread only executes them, one at a time,
+        // so a client that connects and says nothing cannot hold the others up.
+        while let Ok(incoming) = rx.recv() {
+            let Incoming::Request {
+                stream,
+                peer_uid,
+                value,
+            } = incoming
+            else {
+                break;
             };
-            if self.exit.requested() {
-                break;
-            }
-            if let Flow::Exit = self.handle(stream) {
+            if let Flow::Exit = self.handle(stream, peer_uid, value) {
+                self.stop_acceptor(acceptor);
                 return;
             }
         }
@@ -259,6 +262,15 @@ impl<T: Target + 'static> Server<T> {
             self.device.name()
         );
         self.finish();
+        self.stop_acceptor(acceptor);
+    }
+
+    /// Wakes the acceptor from `accept` (shutting a listening socket down makes `accept` fail)
+    /// and joins it.
+    fn stop_acceptor(&self, acceptor: JoinHandle<()>) {
+        self.exit.flag.store(true, Ordering::SeqCst);
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
+        let _ = acceptor.join();
     }
 
     /// Stops the exports and removes the run directory.
@@ -278,16 +290,14 @@ impl<T: Target + 'static> Server<T> {
         }
     }
 
-    fn handle(&mut self, stream: UnixStream) -> Flow {
-        let _ = stream.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
-        let peer_uid = rustix::net::sockopt::socket_peercred(&stream)
-            .ok()
-            .map(|c| c.uid.as_raw());
-        let value = match read_value(BufReader::new(&stream)) {
-            Ok(Some(v)) => v,
-            // A probe or a wake-up connection.
-            Ok(None) => return Flow::Continue,
+    fn handle(
+        &mut self,
+        stream: UnixStream,
+        peer_uid: Option<u32>,
+        value: Result<serde_json::Value, ControlError>,
+    ) -> Flow {
+        let value = match value {
+            Ok(v) => v,
             Err(e) => {
                 respond(
                     &stream,
@@ -630,6 +640,67 @@ impl<T: Target + 'static> Server<T> {
                 sectors: g.sectors,
                 start: g.start,
             }),
+        }
+    }
+}
+
+/// What the acceptor hands the main thread.
+enum Incoming {
+    /// A request line, read (or failed to read) from `stream`.
+    Request {
+        stream: UnixStream,
+        peer_uid: Option<u32>,
+        value: Result<serde_json::Value, ControlError>,
+    },
+    /// The server was asked to finish (the last close of a deferred removal).
+    Exit,
+}
+
+/// Accepts connections, reads each one's request on a thread of its own and passes it on.
+fn accept_loop(listener: &UnixListener, exit: &ExitSignal, tx: &mpsc::Sender<Incoming>) {
+    let mut failures = 0u32;
+    loop {
+        let accepted = listener.accept();
+        if exit.requested() {
+            let _ = tx.send(Incoming::Exit);
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => {
+                failures = 0;
+                s
+            }
+            Err(e) => {
+                // EMFILE and the like: back off rather than spin.
+                failures = failures.saturating_add(1);
+                eprintln!("userdm server: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(10 * u64::from(failures.min(100))));
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("userdm-request".into())
+            .spawn(move || {
+                let _ = stream.set_read_timeout(Some(REQUEST_READ_TIMEOUT));
+                let _ = stream.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
+                let peer_uid = rustix::net::sockopt::socket_peercred(&stream)
+                    .ok()
+                    .map(|c| c.uid.as_raw());
+                let value = match read_value(BufReader::new(&stream)) {
+                    Ok(Some(v)) => Ok(v),
+                    // A probe or a wake-up connection.
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(Incoming::Request {
+                    stream,
+                    peer_uid,
+                    value,
+                });
+            });
+        if let Err(e) = spawned {
+            eprintln!("userdm server: cannot start a request thread: {e}");
         }
     }
 }

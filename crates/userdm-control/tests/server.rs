@@ -396,6 +396,12 @@ fn failures_to_come_up_are_reported() {
 #[test]
 fn silent_and_broken_clients_do_not_stop_the_server() {
     let (s, _) = start(config("d", Some("0 8 zero")));
+    // A client that connects and says nothing holds up nobody.
+    let silent = UnixStream::connect(&s.socket).unwrap();
+    let asked = std::time::Instant::now();
+    assert_eq!(info(&s).name, "d");
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    drop(silent);
     drop(UnixStream::connect(&s.socket).unwrap());
     let half = UnixStream::connect(&s.socket).unwrap();
     std::io::Write::write_all(&mut &half, b"{\"version\":1,").unwrap();
