@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use userdm_dmuser::UserTargetContext;
+
 /// A monotonic clock, as seconds and nanoseconds since an arbitrary start.
 ///
 /// flakey measures its up/down cycle with it (the kernel uses `jiffies`); tests inject a
@@ -86,6 +88,8 @@ pub struct TargetContext {
     pub clock: Arc<dyn Clock>,
     /// Raised when a target wants the device's event number bumped.
     pub event_hook: Option<EventHook>,
+    /// Where `user` rows put their endpoints, who owns them, and the device they belong to.
+    pub user: UserTargetContext,
 }
 
 impl fmt::Debug for TargetContext {
@@ -95,6 +99,7 @@ impl fmt::Debug for TargetContext {
             .field("resolver", &self.resolver)
             .field("clock", &self.clock)
             .field("event_hook", &self.event_hook.as_ref().map(|_| "set"))
+            .field("user", &self.user)
             .finish()
     }
 }
@@ -106,6 +111,7 @@ impl Default for TargetContext {
             resolver: None,
             clock: Arc::new(MonotonicClock),
             event_hook: None,
+            user: UserTargetContext::default(),
         }
     }
 }
@@ -131,6 +137,12 @@ impl TargetContext {
     /// Sets the clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> TargetContext {
         self.clock = clock;
+        self
+    }
+
+    /// Sets the context of `user` rows.
+    pub fn with_user(mut self, user: UserTargetContext) -> TargetContext {
+        self.user = user;
         self
     }
 

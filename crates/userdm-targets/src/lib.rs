@@ -71,6 +71,7 @@ pub use flakey::Flakey;
 pub use linear::Linear;
 pub use memory::{Extent, Memory};
 pub use striped::Striped;
+pub use userdm_dmuser::{UserTarget, UserTargetContext};
 pub use zero::Zero;
 
 /// Constants of the memory target.
@@ -118,6 +119,10 @@ pub const TARGET_TYPES: &[TargetType] = &[
         name: "memory",
         version: [1, 0, 0],
     },
+    TargetType {
+        name: "user",
+        version: [1, 0, 0],
+    },
 ];
 
 /// One row's target, of any type. An enum rather than a trait object because
@@ -141,6 +146,8 @@ pub enum AnyTarget {
     Dust(Dust),
     /// `memory`.
     Memory(Memory),
+    /// `user`: dm-user, served by a daemon (crate `userdm-dmuser`).
+    User(UserTarget),
 }
 
 impl AnyTarget {
@@ -171,6 +178,7 @@ impl Target for AnyTarget {
             "flakey" => AnyTarget::Flakey(Flakey::construct(ctx, row)?),
             "dust" => AnyTarget::Dust(Dust::construct(ctx, row)?),
             "memory" => AnyTarget::Memory(Memory::construct(row)?),
+            "user" => AnyTarget::User(UserTarget::construct(&ctx.user, row)?),
             other => {
                 return Err(TableError::UnknownTarget {
                     line: row.line,
@@ -190,6 +198,7 @@ impl Target for AnyTarget {
             AnyTarget::Flakey(_) => "flakey",
             AnyTarget::Dust(_) => "dust",
             AnyTarget::Memory(_) => "memory",
+            AnyTarget::User(_) => "user",
         }
     }
 
@@ -203,6 +212,7 @@ impl Target for AnyTarget {
             AnyTarget::Flakey(t) => t.ops(),
             AnyTarget::Dust(t) => t.ops(),
             AnyTarget::Memory(t) => t.ops(),
+            AnyTarget::User(t) => t.ops(),
         }
     }
 
@@ -215,6 +225,7 @@ impl Target for AnyTarget {
             AnyTarget::Flakey(t) => t.table_params(),
             AnyTarget::Dust(t) => t.table_params(),
             AnyTarget::Memory(t) => t.table_params(),
+            AnyTarget::User(t) => t.table_params(),
         }
     }
 
@@ -224,6 +235,7 @@ impl Target for AnyTarget {
             AnyTarget::Delay(t) => t.status(),
             AnyTarget::Dust(t) => t.status(),
             AnyTarget::Memory(t) => t.status(),
+            AnyTarget::User(t) => t.status(),
             AnyTarget::Linear(_) | AnyTarget::Zero(_) | AnyTarget::Error(_) => String::new(),
             AnyTarget::Flakey(_) => String::new(),
         }
@@ -244,7 +256,7 @@ impl Target for AnyTarget {
             AnyTarget::Delay(t) => t.deps(),
             AnyTarget::Flakey(t) => t.deps(),
             AnyTarget::Dust(t) => t.deps(),
-            AnyTarget::Zero(_) | AnyTarget::Memory(_) => Vec::new(),
+            AnyTarget::Zero(_) | AnyTarget::Memory(_) | AnyTarget::User(_) => Vec::new(),
         }
     }
 
@@ -256,21 +268,27 @@ impl Target for AnyTarget {
             AnyTarget::Delay(t) => t.limits(),
             AnyTarget::Flakey(t) => t.limits(),
             AnyTarget::Dust(t) => t.limits(),
+            AnyTarget::User(t) => t.limits(),
             AnyTarget::Zero(_) | AnyTarget::Memory(_) => TargetLimits::default(),
         }
     }
 
-    fn presuspend(&self, _noflush: bool) {
-        // Delay lets held IO go whether or not the suspend flushes, as the kernel's
-        // `delay_presuspend`; no other target holds IO.
-        if let AnyTarget::Delay(t) = self {
-            t.presuspend();
+    fn presuspend(&self, noflush: bool) {
+        match self {
+            // Delay lets held IO go whether or not the suspend flushes, as the kernel's
+            // `delay_presuspend`.
+            AnyTarget::Delay(t) => t.presuspend(),
+            // dm-user may give back IO no daemon has read yet, on a noflush suspend.
+            AnyTarget::User(t) => t.presuspend(noflush),
+            _ => {}
         }
     }
 
     fn resume(&self) {
-        if let AnyTarget::Delay(t) = self {
-            t.resume();
+        match self {
+            AnyTarget::Delay(t) => t.resume(),
+            AnyTarget::User(t) => t.resume(),
+            _ => {}
         }
     }
 
@@ -284,6 +302,7 @@ impl Target for AnyTarget {
             AnyTarget::Flakey(t) => t.io(rt, io, buf).await,
             AnyTarget::Dust(t) => t.io(rt, io, buf).await,
             AnyTarget::Memory(t) => t.io(io, buf),
+            AnyTarget::User(t) => t.io(rt, io, buf).await,
         }
     }
 }

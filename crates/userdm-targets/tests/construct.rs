@@ -3,8 +3,8 @@
 mod common;
 
 use common::{disk, table, table_error};
-use userdm_table::{Dep, Target};
-use userdm_targets::{AnyTarget, TargetContext};
+use userdm_table::{Dep, Table, Target};
+use userdm_targets::{AnyTarget, TargetContext, UserTargetContext};
 
 fn ctx() -> TargetContext {
     TargetContext::new()
@@ -376,6 +376,7 @@ fn types_carry_the_kernel_versions() {
             "flakey v1.5.0",
             "dust v1.0.0",
             "memory v1.0.0",
+            "user v1.0.0",
         ]
     );
 }
@@ -524,4 +525,18 @@ fn read_only_tables_open_files_read_only() {
         Err(userdm_io::Errno::new(9).into()),
         "EBADF"
     );
+}
+
+#[test]
+fn user_rows_are_targets_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = TargetContext::new().with_user(UserTargetContext::default().with_dir(dir.path()));
+    let table = Table::<AnyTarget>::parse(&ctx, "0 8 zero\n8 1024 user 0 1024 ctl0\n").unwrap();
+    assert_eq!(table.rows()[1].target.type_name(), "user");
+    assert!(
+        dir.path().join("ctl0").exists(),
+        "the endpoint exists once the table is built"
+    );
+    let e = Table::<AnyTarget>::parse(&ctx, "0 8 user 0 8\n").unwrap_err();
+    assert!(e.to_string().starts_with("line 1: user: "), "{e}");
 }
