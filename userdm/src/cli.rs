@@ -32,7 +32,8 @@ Exit status:
 
 Examples:
   userdm create t0 --table '0 2048 zero'
-  printf '0 8192 linear /var/tmp/a.img 0\\n8192 8192 memory\\n' | userdm create t1 --export nbd:unix:/run/t1.sock
+  printf '0 8192 linear a.img 0\\n8192 8192 memory\\n' > t1.table
+  userdm create t1 t1.table --export nbd:unix:/run/t1.sock
   userdm suspend t1; userdm load t1 --table '0 16384 zero'; userdm resume t1
   userdm info t1; userdm table; userdm ls --json
   userdm remove_all";
@@ -63,6 +64,17 @@ pub struct Cli {
     pub verb: Verb,
 }
 
+/// A verb's after-help: its examples, then the exit status.
+macro_rules! examples {
+    ($($line:literal),+ $(,)?) => {
+        concat!(
+            "Examples:\n",
+            $("  ", $line, "\n",)+
+            "\nExit status: 0 success, 1 the command failed, 2 usage error."
+        )
+    };
+}
+
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Verb {
@@ -70,13 +82,18 @@ pub enum Verb {
     #[command(
         long_about = "Create the device NAME, load its table and resume it, as `dmsetup create` \
                       does. The table comes from --table, else from TABLE_FILE, else from \
-                      standard input when it is not a terminal; --notable creates the device \
-                      without one. A server process for the device is started in the \
-                      background; the command returns once the device is live and its exports \
-                      listen, or prints the server's error and fails, leaving nothing behind.",
-        after_help = "Examples:\n  userdm create t0 --table '0 2048 zero'\n  userdm create t1 \
-                      table.txt --uuid USERDM-t1 --export nbd:unix:/run/t1.sock\n  echo '0 8 \
-                      error' | userdm create t2 --readonly\n  userdm create t3 --notable"
+                      standard input when it is not a terminal; --notable (or an empty table) \
+                      creates the device without one. A server process for the device is \
+                      started in the background; the command returns once the device is live \
+                      and its exports listen, or prints the server's error and fails, leaving \
+                      nothing behind.",
+        after_help = examples!(
+            "userdm create t0 --table '0 2048 zero'",
+            "userdm create t1 t1.table --uuid USERDM-t1 --export nbd:unix:/run/t1.sock",
+            "userdm create t2 --table '0 8192 memory' --export nbd:tcp:127.0.0.1:10809",
+            "echo '0 8 error' | userdm create t3 --readonly",
+            "userdm create t4 --notable",
+        )
     )]
     Create(CreateArgs),
 
@@ -87,7 +104,7 @@ pub enum Verb {
                       connected clients) is refused unless --deferred, which removes it at its \
                       last close. --force first replaces the table with one that fails all IO. \
                       Devices are processed in order; the first failure stops the command.",
-        after_help = "Examples:\n  userdm remove t0 t1\n  userdm remove --deferred t0"
+        after_help = examples!("userdm remove t0 t1", "userdm remove --deferred t0")
     )]
     Remove(RemoveArgs),
 
@@ -95,8 +112,9 @@ pub enum Verb {
     #[command(
         name = "remove_all",
         long_about = "Remove every device, as `dmsetup remove_all` does. Open devices are left \
-                      in place (and the command fails) unless --force, which replaces their \
-                      tables with ones that fail all IO first; they still stay while open."
+                      in place, and then the command fails; --force replaces their tables with \
+                      ones that fail all IO first (they still stay while open).",
+        after_help = examples!("userdm remove_all", "userdm remove_all --force")
     )]
     RemoveAll(RemoveAllArgs),
 
@@ -104,15 +122,19 @@ pub enum Verb {
     #[command(
         long_about = "Suspend each device, as `dmsetup suspend` does: new IO waits, IO in \
                       flight completes. Suspending a suspended device does nothing.",
-        after_help = "Example:\n  userdm suspend t0 && userdm load t0 new.table && userdm resume t0"
+        after_help = examples!(
+            "userdm suspend t0 && userdm load t0 new.table && userdm resume t0",
+            "userdm suspend --noflush t0 t1",
+        )
     )]
     Suspend(SuspendArgs),
 
     /// Resume devices, making a loaded table live.
     #[command(
-        long_about = "Resume each device, as `dmsetup resume` does: if a table was \
-                      loaded, it replaces the live one (the device is suspended for the swap \
-                      if needed), then held IO continues against the live table."
+        long_about = "Resume each device, as `dmsetup resume` does: if a table was loaded, it \
+                      replaces the live one (the device is suspended for the swap if needed), \
+                      then held IO continues against the live table.",
+        after_help = examples!("userdm resume t0", "userdm resume t0 t1")
     )]
     Resume(DevicesArgs),
 
@@ -120,23 +142,37 @@ pub enum Verb {
     #[command(
         long_about = "Load a table into the device's inactive slot, as `dmsetup load` does; \
                       `resume` makes it live. The table comes from --table, else TABLE_FILE, \
-                      else standard input when it is not a terminal.",
-        after_help = "Example:\n  userdm load t0 --table '0 4096 zero' && userdm resume t0"
+                      else standard input when it is not a terminal. Relative paths in the \
+                      table resolve against the current directory.",
+        after_help = examples!(
+            "userdm load t0 --table '0 4096 zero' && userdm resume t0",
+            "userdm load t0 new.table",
+            "printf '0 8 zero\\n8 8 error\\n' | userdm load t0",
+        )
     )]
     Load(LoadArgs),
 
     /// The same as load.
-    #[command(long_about = "The same as `load`, as in dmsetup.")]
+    #[command(
+        long_about = "The same as `load`, as in dmsetup.",
+        after_help = examples!("userdm reload t0 new.table")
+    )]
     Reload(LoadArgs),
 
     /// Drop a device's inactive table.
+    #[command(
+        long_about = "Drop the table loaded into the device's inactive slot, as `dmsetup \
+                      clear` does. The live table is untouched.",
+        after_help = examples!("userdm clear t0")
+    )]
     Clear(DeviceArg),
 
     /// Rename a device, or set its uuid.
     #[command(
         long_about = "Rename the device NAME to NEW, as `dmsetup rename` does, or with \
-                      --setuuid set its uuid to NEW (a uuid can be set only once).",
-        after_help = "Examples:\n  userdm rename t0 data\n  userdm rename data --setuuid USERDM-data"
+                      --setuuid set its uuid to NEW (a uuid can be set only once). Names and \
+                      uuids must be unused.",
+        after_help = examples!("userdm rename t0 data", "userdm rename data --setuuid USERDM-data")
     )]
     Rename(RenameArgs),
 
@@ -146,61 +182,94 @@ pub enum Verb {
                       as `dmsetup message` does. The words are joined with single spaces. A \
                       reply is printed, ending with a newline. `@cancel_deferred_remove` \
                       cancels a deferred removal.",
-        after_help = "Example:\n  userdm message t0 0 countbadblocks"
+        after_help = examples!(
+            "userdm message t0 0 countbadblocks",
+            "userdm message t0 0 @cancel_deferred_remove",
+        )
     )]
     Message(MessageArgs),
 
     /// List devices.
     #[command(
-        long_about = "List devices as `NAME\\t(MAJOR:MINOR)`, as `dmsetup ls` does; \
-                      `No devices found` when there are none. --target lists only devices \
-                      with a row of that target type (as `NAME\\t(MAJOR, MINOR)`, as dmsetup); \
-                      --tree draws each device with its dependencies."
+        long_about = "List devices as `NAME\\t(MAJOR:MINOR)`, as `dmsetup ls` does; `No \
+                      devices found` when there are none. --target lists only devices with a \
+                      row of that target type (as `NAME\\t(MAJOR, MINOR)`, as dmsetup); --tree \
+                      draws each device with its dependencies. A device whose server has died \
+                      is removed, with a warning.",
+        after_help = examples!("userdm ls", "userdm ls --target linear", "userdm ls --tree --json")
     )]
     Ls(LsArgs),
 
     /// Show devices' state.
     #[command(
-        long_about = "Show each device's state in dmsetup's long format, or with \
-                      --columns in its one-line-per-device report. Without names, every \
-                      device."
+        long_about = "Show each device's state in dmsetup's long format, or with --columns in \
+                      its one-line-per-device report (`Name Maj Min Stat Open Targ Event \
+                      UUID`; Stat is [L-][I-][s-][rw]: live table, inactive table, suspended, \
+                      read-only or writable). Without names, every device.",
+        after_help = examples!("userdm info t0", "userdm info -c", "userdm info --json")
     )]
     Info(InfoArgs),
 
     /// Show the devices each device depends on.
+    #[command(
+        long_about = "Show the devices each device's table uses, as `dmsetup deps` does: `N \
+                      dependencies\\t: (MAJOR, MINOR)...`, the most recently named first. \
+                      Regular files have no device number and show as (0, 0).",
+        after_help = examples!("userdm deps t0", "userdm deps --json")
+    )]
     Deps(QueryArgs),
 
     /// Show the status of each row of devices' tables.
+    #[command(
+        long_about = "Show each row's status, as `dmsetup status` does: `START LENGTH TARGET \
+                      STATUS`, prefixed `NAME: ` when several devices are shown. Without \
+                      names, every device.",
+        after_help = examples!("userdm status t0", "userdm status --target striped", "userdm status --inactive t0")
+    )]
     Status(QueryArgs),
 
     /// Show devices' tables.
+    #[command(
+        long_about = "Show each device's table, as `dmsetup table` does: `START LENGTH TARGET \
+                      PARAMS`, prefixed `NAME: ` when several devices are shown; a device \
+                      without a table shows an empty line. Without names, every device.",
+        after_help = examples!("userdm table t0", "userdm table --inactive t0", "userdm table --json")
+    )]
     Table(QueryArgs),
 
     /// Wait for a device's event counter to pass a number.
     #[command(
-        long_about = "Wait until the device's event number differs from EVENT_NR \
-                      (default 0), as `dmsetup wait` does. Events are raised by renames, \
-                      removal and targets (a failing stripe). With -v, print the device's info \
-                      afterwards."
+        long_about = "Wait until the device's event number differs from EVENT_NR (default 0), \
+                      as `dmsetup wait` does. Events are raised by renames, removal and \
+                      targets (a failing stripe). With -v, print the device's info afterwards.",
+        after_help = examples!("userdm wait t0", "userdm wait -v t0 3")
     )]
     Wait(WaitArgs),
 
     /// List the target types.
+    #[command(
+        long_about = "List the target types userdm serves, as `dmsetup targets` does: \
+                      `NAME vMAJOR.MINOR.PATCH`, with the kernel's versions where the kernel \
+                      has the target.",
+        after_help = examples!("userdm targets", "userdm targets --json")
+    )]
     Targets,
 
     /// Show userdm's version.
     #[command(
-        long_about = "Show the version in dmsetup's two-line format. Both lines give \
-                      userdm's version (the driver line adds the control protocol version), \
-                      since there is no libdevmapper or kernel driver involved."
+        long_about = "Show the version in dmsetup's two-line format. Both lines give userdm's \
+                      version (the driver line adds the control protocol version), since no \
+                      libdevmapper or kernel driver is involved.",
+        after_help = examples!("userdm version")
     )]
     Version,
 
     /// Set a device's geometry.
     #[command(
-        long_about = "Set the device's disk geometry, as `dmsetup setgeometry` does: at \
-                      most 65535 cylinders, 255 heads and 255 sectors per track, not beyond \
-                      the device's size."
+        long_about = "Set the device's disk geometry, as `dmsetup setgeometry` does: at most \
+                      65535 cylinders, 255 heads and 255 sectors per track, not beyond the \
+                      device's size.",
+        after_help = examples!("userdm setgeometry t0 16 4 32 0")
     )]
     Setgeometry(GeometryArgs),
 
@@ -208,7 +277,8 @@ pub enum Verb {
     #[command(
         name = "wipe_table",
         long_about = "Load a table of one `error` row of the device's size and resume, as \
-                      `dmsetup wipe_table` does."
+                      `dmsetup wipe_table` does.",
+        after_help = examples!("userdm wipe_table t0", "userdm wipe_table -f t0 t1")
     )]
     WipeTable(WipeArgs),
 

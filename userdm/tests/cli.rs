@@ -710,6 +710,8 @@ fn help_documents_verbs_and_exit_codes() {
     ] {
         let h = env.ok(&[verb, "--help"]);
         assert!(h.contains("Usage: userdm"), "{verb} --help: {h}");
+        assert!(h.contains("\nExamples:\n  userdm "), "{verb} --help: {h}");
+        assert!(h.contains("Exit status: 0 success, 1 the command failed, 2 usage error."));
     }
     assert!(env.ok(&["create", "--help"]).contains("Examples:"));
 }
