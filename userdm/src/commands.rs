@@ -137,13 +137,21 @@ impl Session {
         Ok(devices)
     }
 
-    /// The devices named, or every device when none is.
-    fn named_or_all(&self, names: &[String]) -> Result<Vec<Found>> {
+    /// Calls `f` for each device named, in order, looking each up just before (so that, as in
+    /// dmsetup, the devices before a missing one are still shown); or for every device when
+    /// none is named. Returns how many devices there were.
+    fn for_each(&self, names: &[String], mut f: impl FnMut(&Found) -> Result<()>) -> Result<usize> {
         if names.is_empty() {
-            self.all(None)
-        } else {
-            names.iter().map(|n| self.find(n, None)).collect()
+            let all = self.all(None)?;
+            for d in &all {
+                f(d)?;
+            }
+            return Ok(all.len());
         }
+        for name in names {
+            f(&self.find(name, None)?)?;
+        }
+        Ok(names.len())
     }
 
     fn call(&self, found: &Found, command: Command) -> Result<Reply> {
@@ -352,21 +360,26 @@ impl Session {
     }
 
     fn info(&self, names: &[String], columns: bool, noheadings: bool) -> Result<()> {
-        let devices = self.named_or_all(names)?;
-        let reports: Vec<DeviceReport> = devices.into_iter().map(|d| d.info).collect();
+        let collect = self.json || columns;
+        let mut reports: Vec<DeviceReport> = Vec::new();
+        let count = self.for_each(names, |d| {
+            if collect {
+                reports.push(d.info.clone());
+                Ok(())
+            } else {
+                print(&output::info_long(&d.info))
+            }
+        })?;
         if self.json {
             return print_json(&reports);
         }
-        if columns {
-            if reports.is_empty() {
-                return print("No devices found\n");
-            }
-            return print(&output::info_columns(&reports, !noheadings));
-        }
-        if names.is_empty() && reports.is_empty() {
+        if count == 0 {
             return print("No devices found\n");
         }
-        print(&reports.iter().map(output::info_long).collect::<String>())
+        if columns {
+            return print(&output::info_columns(&reports, !noheadings));
+        }
+        Ok(())
     }
 
     fn rows_of(&self, d: &Found, inactive: bool, status: bool) -> Result<Vec<RowReport>> {
@@ -389,18 +402,14 @@ impl Session {
     }
 
     fn rows(&self, a: &QueryArgs, status: bool) -> Result<()> {
-        let devices = self.named_or_all(&a.names)?;
         let multiple = a.names.len() != 1;
-        if devices.is_empty() && !self.json {
-            return print("No devices found\n");
-        }
         #[derive(Serialize)]
         struct Entry {
             name: String,
             rows: Vec<RowReport>,
         }
         let mut entries = Vec::new();
-        for d in &devices {
+        let count = self.for_each(&a.names, |d| {
             let rows = self.rows_of(d, a.inactive, status)?;
             if self.json {
                 let rows = rows
@@ -411,43 +420,47 @@ impl Session {
                     name: d.info.name.clone(),
                     rows,
                 });
+                Ok(())
             } else {
                 let name = multiple.then_some(d.info.name.as_str());
-                print(&output::rows(name, &rows, a.target.as_deref()))?;
+                print(&output::rows(name, &rows, a.target.as_deref()))
             }
-        }
+        })?;
         if self.json {
             return print_json(&entries);
+        }
+        if count == 0 {
+            return print("No devices found\n");
         }
         Ok(())
     }
 
     fn deps(&self, a: &QueryArgs) -> Result<()> {
-        let devices = self.named_or_all(&a.names)?;
         let multiple = a.names.len() != 1;
-        if devices.is_empty() && !self.json {
-            return print("No devices found\n");
-        }
         #[derive(Serialize)]
         struct Entry {
             name: String,
             deps: Vec<DepReport>,
         }
         let mut entries = Vec::new();
-        for d in &devices {
+        let count = self.for_each(&a.names, |d| {
             let deps = self.deps_of(d, a.inactive)?;
             if self.json {
                 entries.push(Entry {
                     name: d.info.name.clone(),
                     deps,
                 });
+                Ok(())
             } else {
                 let name = multiple.then_some(d.info.name.as_str());
-                print(&output::deps(name, &deps))?;
+                print(&output::deps(name, &deps))
             }
-        }
+        })?;
         if self.json {
             return print_json(&entries);
+        }
+        if count == 0 {
+            return print("No devices found\n");
         }
         Ok(())
     }

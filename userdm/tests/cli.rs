@@ -204,6 +204,10 @@ fn outputs_match_dmsetup() {
         )
     );
     assert_eq!(env.ok(&["table", "t3"]), "\n");
+    // As dmsetup, the devices before a missing one are shown, then the command fails.
+    let out = env.run(&["table", "t3", "t9", "t0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "t3: \n");
     assert_eq!(
         env.ok(&["table", "t0", "--target", "zero"]),
         "0 2048 zero \n"
@@ -444,6 +448,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["info", "t9"], 1, "device t9 does not exist"),
         (&["table", "t9"], 1, "device t9 does not exist"),
         (&["status", "t0", "t9"], 1, "device t9 does not exist"),
+        (&["info", "t9", "t0"], 1, "device t9 does not exist"),
         (&["remove", "t9"], 1, "device t9 does not exist"),
         (&["suspend", "t9"], 1, "device t9 does not exist"),
         (&["rename", "t9", "t10"], 1, "device t9 does not exist"),
