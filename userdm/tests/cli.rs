@@ -893,6 +893,25 @@ fn nbd_tcp_port_and_socket_in_use() {
     );
     assert!(e.contains("is in use by another server"), "{e}");
     assert_eq!(env.ok(&["ls"]), "m0\t(0:0)\nm1\t(0:1)\n");
+    // A read-only device is exported read-only.
+    let ro = env.path("ro.sock");
+    env.ok(&[
+        "create",
+        "ro",
+        "--readonly",
+        "--table",
+        "0 8 zero",
+        "--export",
+        &format!("nbd:unix:{}", ro.display()),
+    ]);
+    let out = Command::new("nbdinfo")
+        .arg(format!("nbd+unix:///ro?socket={}", ro.display()))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is_read_only: true"));
+    assert!(env
+        .ok(&["info", "ro"])
+        .contains("State:             ACTIVE (READ-ONLY)\n"));
 }
 
 /// Root and the owner named at create may change a device; anyone who can reach the socket

@@ -73,12 +73,13 @@ where
     T: Target + 'static,
 {
     let dir = run.device_dir(id);
-    let ready =
-        UnixStream::connect(dir.ready_socket()).map_err(|source| ControlError::Connect {
-            device: format!("#{id}"),
-            path: dir.ready_socket(),
-            source,
-        })?;
+    let ready = UnixStream::connect(dir.ready_socket()).map_err(|e| {
+        ControlError::Launch(format!(
+            "no `userdm create` is waiting at {} ({e}); device servers are started by \
+             `userdm create`, not by hand",
+            dir.ready_socket().display()
+        ))
+    })?;
     ready
         .set_read_timeout(Some(REQUEST_READ_TIMEOUT))
         .map_err(ControlError::Io)?;
