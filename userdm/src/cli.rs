@@ -255,6 +255,15 @@ pub enum Verb {
     )]
     Targets,
 
+    /// Show the versions of named target types.
+    #[command(
+        name = "target-version",
+        long_about = "Show the version of each named target type in the format of `targets`, \
+                      as `dmsetup target-version` does; an unknown type fails.",
+        after_help = examples!("userdm target-version linear striped")
+    )]
+    TargetVersion(TargetVersionArgs),
+
     /// Show userdm's version.
     #[command(
         long_about = "Show the version in dmsetup's two-line format. Both lines give userdm's \
@@ -549,6 +558,14 @@ pub struct WipeArgs {
     /// The devices.
     #[arg(required = true, value_name = "NAME")]
     pub names: Vec<String>,
+}
+
+/// `target-version`.
+#[derive(Debug, Args)]
+pub struct TargetVersionArgs {
+    /// The target types.
+    #[arg(required = true, value_name = "TARGET")]
+    pub targets: Vec<String>,
 }
 
 /// `__serve`.

@@ -10,7 +10,7 @@ use userdm_control::proto::{
     Command, CreateConfig, DepReport, DeviceReport, Reply, RowReport, PROTOCOL_VERSION,
 };
 use userdm_control::rundir::{Found, RunDir, RunLock};
-use userdm_table::Target;
+use userdm_table::{Target, TargetType};
 use userdm_targets::AnyTarget;
 
 use crate::cli::{Cli, QueryArgs, TableSource, Verb};
@@ -57,7 +57,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Status(a) => s.rows(&a, true),
         Verb::Table(a) => s.rows(&a, false),
         Verb::Wait(a) => s.wait(&a.name, a.event_nr),
-        Verb::Targets => s.targets(),
+        Verb::Targets => s.targets(None),
+        Verb::TargetVersion(a) => s.targets(Some(&a.targets)),
         Verb::Version => s.version(),
         Verb::Setgeometry(a) => s.simple(
             &a.name,
@@ -486,8 +487,20 @@ impl Session {
         Ok(())
     }
 
-    fn targets(&self) -> Result<()> {
-        let types = AnyTarget::types();
+    fn targets(&self, names: Option<&[String]>) -> Result<()> {
+        let all = AnyTarget::types();
+        let types: Vec<TargetType> = match names {
+            None => all.to_vec(),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    all.iter().find(|t| t.name == n).copied().ok_or_else(|| {
+                        anyhow!("target type {n} is not known; see `userdm targets`")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let types = &types[..];
         if self.json {
             #[derive(Serialize)]
             struct Entry {

@@ -233,6 +233,12 @@ fn outputs_match_dmsetup() {
         "{targets}"
     );
     assert!(targets.contains("\nstriped          v1.6.0\n"));
+    assert_eq!(
+        env.ok(&["target-version", "striped", "zero"]),
+        "striped          v1.6.0\nzero             v1.2.0\n"
+    );
+    let e = env.fails(&["target-version", "nosuch"], 1);
+    assert!(e.contains("target type nosuch is not known"), "{e}");
     let version = env.ok(&["version"]);
     assert!(version.starts_with("Library version:   "), "{version}");
     assert!(version.contains("\nDriver version:    "));
@@ -709,6 +715,7 @@ fn help_documents_verbs_and_exit_codes() {
         "table",
         "wait",
         "targets",
+        "target-version",
         "version",
         "setgeometry",
         "wipe_table",
