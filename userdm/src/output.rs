@@ -243,6 +243,7 @@ mod tests {
             owner_uid: None,
             exports: vec![],
             geometry: None,
+            io: Default::default(),
         }
     }
 

@@ -782,6 +782,10 @@ fn nbd_export_round_trip() {
         std::fs::read(env.path("out.img")).unwrap() == data,
         "read back differs"
     );
+    let io = &env.json(&["info", "--json", "n0"])[0]["io"];
+    assert!(io["write_bytes"].as_u64().unwrap() >= 12 << 20, "{io}");
+    assert!(io["read_bytes"].as_u64().unwrap() >= 12 << 20, "{io}");
+    assert_eq!(io["errors"], 0);
     // The linear row's bytes are in a.img at offset 0.
     let a_bytes = std::fs::read(&a).unwrap();
     assert!(a_bytes[..4 << 20] == data[..4 << 20]);

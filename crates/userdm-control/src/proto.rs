@@ -313,6 +313,28 @@ pub struct DeviceReport {
     /// Geometry set with `setgeometry`.
     #[serde(default)]
     pub geometry: Option<GeometryReport>,
+    /// Counters of the IO the device has served.
+    #[serde(default)]
+    pub io: IoStatsReport,
+}
+
+/// Counters of the IO a device has served (`Device::io_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoStatsReport {
+    /// Reads completed successfully.
+    pub reads: u64,
+    /// Writes completed successfully.
+    pub writes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Other requests (flush, discard, ...) completed successfully.
+    pub others: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Requests given back during a noflush suspend and resubmitted after resume.
+    pub requeues: u64,
 }
 
 /// Disk geometry.

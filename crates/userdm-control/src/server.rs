@@ -16,8 +16,8 @@ use userdm_table::{split_params, Table, TableError, Target};
 use crate::export::{DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec};
 use crate::proto::{
     decode, read_value, version_of, write_line, Command, CreateConfig, DepReport, DeviceReport,
-    ErrorKind, ErrorReply, GeometryReport, ReadyReport, Reply, Request, Response, RowReport,
-    PROTOCOL_VERSION,
+    ErrorKind, ErrorReply, GeometryReport, IoStatsReport, ReadyReport, Reply, Request, Response,
+    RowReport, PROTOCOL_VERSION,
 };
 use crate::rundir::{DeviceDir, DeviceMeta, RunDir};
 use crate::ControlError;
@@ -635,6 +635,18 @@ impl<T: Target + 'static> Server<T> {
             pid: std::process::id(),
             owner_uid: self.owner_uid,
             exports: self.export_specs.clone(),
+            io: {
+                let io = self.device.io_stats();
+                IoStatsReport {
+                    reads: io.reads,
+                    writes: io.writes,
+                    read_bytes: io.read_bytes,
+                    write_bytes: io.write_bytes,
+                    others: io.others,
+                    errors: io.errors,
+                    requeues: io.requeues,
+                }
+            },
             geometry: self.device.geometry().map(|g| GeometryReport {
                 cylinders: g.cylinders,
                 heads: g.heads,
