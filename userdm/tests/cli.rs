@@ -965,6 +965,16 @@ fn owners_and_strangers() {
     let out = as_user("65534", &["rename", "o0", "o1"]);
     assert!(out.status.success(), "{out:?}");
     env.ok(&["resume", "o1"]);
+    // The owner may not load tables: the server would open their files with root's rights.
+    let out = as_user(
+        "65534",
+        &["load", "o1", "--table", "0 8 linear /etc/shadow 0"],
+    );
+    let e = check_fails(&["load"], &out, 1);
+    assert!(
+        e.contains("only root may load a table into device o1"),
+        "{e}"
+    );
     // A stranger cannot even connect to a 0600 socket...
     let out = as_user("65533", &["suspend", "o1"]);
     check_fails(&["suspend"], &out, 1);

@@ -27,8 +27,10 @@
 //!   and `Shutdown`.
 //! - **Who may send what.** The socket is mode 0600, so only root and the socket's owner can
 //!   connect at all. Behind that, the server checks the peer with `SO_PEERCRED`: read-only
-//!   queries (`info`, `table`, `status`, `deps`, `wait`) are answered for any peer; every
-//!   other command only for uid 0, the server's own uid, or the owner uid given at create.
+//!   queries (`info`, `table`, `status`, `deps`, `wait`) are answered for any peer; `load`
+//!   only for uid 0 and the server's own uid (the server opens a table's files with its own
+//!   rights, so an owner could otherwise export any file root can read); every other command
+//!   also for the owner uid given at create.
 //! - **The server process** owns an `Arc<Device<T>>`, answers control requests on its main
 //!   thread (a `wait` or an `open` continues on a thread of its own, since it blocks), and
 //!   runs its exports on their own threads. `remove` with the device closed stops the exports,

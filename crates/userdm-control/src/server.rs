@@ -332,22 +332,37 @@ impl<T: Target + 'static> Server<T> {
             }
         };
         let command = request.command;
-        if !command.is_read_only() && !self.may_change(peer_uid) {
-            let msg = format!(
-                "permission denied: only root and the device's owner may send {} to device {}",
-                command.name(),
-                self.device.name()
-            );
+        if let Err(msg) = self.permit(&command, peer_uid) {
             respond(&stream, Response::error(ErrorKind::Permission, msg));
             return Flow::Continue;
         }
         self.dispatch(command, stream)
     }
 
-    /// Root, the server's own uid and the owner named at create may change the device.
-    fn may_change(&self, uid: Option<u32>) -> bool {
-        let Some(uid) = uid else { return false };
-        uid == 0 || uid == rustix::process::geteuid().as_raw() || Some(uid) == self.owner_uid
+    /// Who may send what: queries anyone who can connect; `load` only root and the server's
+    /// own uid, because the server opens a table's backing files with its own privileges (an
+    /// owner could otherwise export any file the server can read); everything else also the
+    /// owner named at create.
+    fn permit(&self, command: &Command, uid: Option<u32>) -> Result<(), String> {
+        if command.is_read_only() {
+            return Ok(());
+        }
+        let privileged = uid.is_some_and(|u| u == 0 || u == rustix::process::geteuid().as_raw());
+        let owner = uid.is_some() && uid == self.owner_uid;
+        match command {
+            _ if privileged => Ok(()),
+            Command::Load { .. } => Err(format!(
+                "permission denied: only root may load a table into device {}, since its \
+                 server opens the table's files with root's rights",
+                self.device.name()
+            )),
+            _ if owner => Ok(()),
+            _ => Err(format!(
+                "permission denied: only root and the device's owner may send {} to device {}",
+                command.name(),
+                self.device.name()
+            )),
+        }
     }
 
     fn dispatch(&mut self, command: Command, stream: UnixStream) -> Flow {
