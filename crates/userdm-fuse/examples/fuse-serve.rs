@@ -80,7 +80,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("fuse-serve: serving {size} bytes at {}", handle.path().display());
+    eprintln!(
+        "fuse-serve: serving {size} bytes at {}",
+        handle.path().display()
+    );
     let timeout = libc::timespec {
         tv_sec: 0,
         tv_nsec: Duration::from_millis(200).as_nanos() as libc::c_long,

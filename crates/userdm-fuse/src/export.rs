@@ -112,7 +112,9 @@ pub enum FuseError {
     #[error("cannot open /dev/fuse (likely cause: no FUSE support in this kernel, or a container without the device; try 'modprobe fuse')")]
     OpenDevice(#[source] io::Error),
     /// mount(2) failed.
-    #[error("cannot mount a FUSE file on {path} (EPERM means CAP_SYS_ADMIN is missing: run as root)")]
+    #[error(
+        "cannot mount a FUSE file on {path} (EPERM means CAP_SYS_ADMIN is missing: run as root)"
+    )]
     Mount {
         /// The path.
         path: PathBuf,
@@ -245,9 +247,18 @@ impl FuseExport {
             perm: prepared.meta.mode() & 0o7777,
             uid: prepared.meta.uid(),
             gid: prepared.meta.gid(),
-            atime: (prepared.meta.atime() as u64, prepared.meta.atime_nsec() as u32),
-            mtime: (prepared.meta.mtime() as u64, prepared.meta.mtime_nsec() as u32),
-            ctime: (prepared.meta.ctime() as u64, prepared.meta.ctime_nsec() as u32),
+            atime: (
+                prepared.meta.atime() as u64,
+                prepared.meta.atime_nsec() as u32,
+            ),
+            mtime: (
+                prepared.meta.mtime() as u64,
+                prepared.meta.mtime_nsec() as u32,
+            ),
+            ctime: (
+                prepared.meta.ctime() as u64,
+                prepared.meta.ctime_nsec() as u32,
+            ),
         };
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
@@ -285,9 +296,10 @@ impl FuseExport {
             }
         }));
         for i in 0..options.threads {
-            let session = handle.session.as_ref().ok_or_else(|| {
-                FuseError::Worker(io::Error::from_raw_os_error(libc::EBADF))
-            })?;
+            let session = handle
+                .session
+                .as_ref()
+                .ok_or_else(|| FuseError::Worker(io::Error::from_raw_os_error(libc::EBADF)))?;
             let fd = sys::clone_fuse_device(session).map_err(FuseError::Worker)?;
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let shared = shared.clone();
@@ -387,7 +399,10 @@ fn handshake(session: &File, options: &FuseOptions) -> Result<(), FuseError> {
         .map_err(|e| fail(format!("reading INIT: {e}")))?;
     let req = parse_request(&buf[..len]).map_err(|e| fail(e.to_string()))?;
     let Operation::Init(init) = req.op else {
-        return Err(fail(format!("first request is opcode {}, not INIT", req.header.opcode)));
+        return Err(fail(format!(
+            "first request is opcode {}, not INIT",
+            req.header.opcode
+        )));
     };
     let mut out = abi::InitOut {
         major: abi::KERNEL_VERSION,

@@ -13,8 +13,8 @@ use userdm_device::BlockDevice;
 use userdm_io::limits::IO_BYTES_MAX;
 use userdm_io::{Errno, IoFlags, IoHeader, IoOp, SECTOR_SIZE};
 
-use crate::proto::abi::{self, falloc, fattr, fopen, write_flags, Wire};
 use crate::export::{now, CacheMode};
+use crate::proto::abi::{self, falloc, fattr, fopen, write_flags, Wire};
 use crate::proto::{parse_request, Operation};
 use crate::worker::{TaskBuf, ThreadCtx};
 
@@ -54,7 +54,8 @@ pub(crate) async fn handle<B: BlockDevice>(ctx: &ThreadCtx<'_, B>, buf: &mut Tas
     let start = buf.request_range().start;
     // Copy out the header and arguments, so the buffer is free for the reply; a WRITE's
     // payload is found again by position (it starts the data area).
-    let parsed = parse_request(&buf.mem_ref()[start..start + len]).map(|r| (r.header, r.op.detach()));
+    let parsed =
+        parse_request(&buf.mem_ref()[start..start + len]).map(|r| (r.header, r.op.detach()));
     let (header, op) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -128,7 +129,11 @@ async fn send<B: BlockDevice>(
     let (reply, error) = match result {
         Ok(reply) => (reply, 0),
         Err(e) => {
-            ctx.shared.control.stats.errors.fetch_add(1, Ordering::Relaxed);
+            ctx.shared
+                .control
+                .stats
+                .errors
+                .fetch_add(1, Ordering::Relaxed);
             (Reply::Empty, -e.get())
         }
     };
@@ -539,8 +544,7 @@ fn open<B: BlockDevice>(ctx: &ThreadCtx<'_, B>, o: abi::OpenIn) -> Result<abi::O
     if writable && shared.device.read_only() {
         return Err(Errno::EROFS);
     }
-    let direct =
-        shared.config.cache == CacheMode::Direct || o.flags & libc::O_DIRECT as u32 != 0;
+    let direct = shared.config.cache == CacheMode::Direct || o.flags & libc::O_DIRECT as u32 != 0;
     // Direct IO skips the page cache, so writes made through another export of the device are
     // seen at once; parallel direct writes let the kernel send concurrent writes from one
     // opener (our range lock orders the overlapping ones).

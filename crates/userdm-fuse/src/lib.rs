@@ -41,4 +41,3 @@ mod sys;
 mod worker;
 
 pub use export::{CacheMode, FuseError, FuseExport, FuseHandle, FuseOptions, FuseStats};
-

@@ -49,7 +49,9 @@ pub(crate) fn prepare(path: &Path) -> Result<Prepared, FuseError> {
         e
     };
     let canonical = path.canonicalize().map_err(inspect).map_err(undo)?;
-    let meta = std::fs::metadata(&canonical).map_err(inspect).map_err(undo)?;
+    let meta = std::fs::metadata(&canonical)
+        .map_err(inspect)
+        .map_err(undo)?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(inspect)
         .map_err(undo)?;

@@ -179,7 +179,10 @@ pub(crate) struct Group<F> {
 impl<F: Future<Output = ()>> Group<F> {
     pub(crate) fn new(members: impl IntoIterator<Item = F>) -> Group<F> {
         let members: Vec<_> = members.into_iter().map(|f| Some(Box::pin(f))).collect();
-        assert!(members.len() <= GROUP_TASKS_MAX, "too many tasks in a group");
+        assert!(
+            members.len() <= GROUP_TASKS_MAX,
+            "too many tasks in a group"
+        );
         let shared = Arc::new(GroupShared {
             // Every member starts ready so that each is polled once.
             ready: AtomicU64::new(if members.len() == 64 {

@@ -1,15 +1,22 @@
 //! The few syscalls libc has no safe wrapper for: mount, unmount, the `/dev/fuse` clone ioctl,
-//! poll. This is the only module with `unsafe`.
+//! poll, and one linked pair of io_uring operations. This is the only module with `unsafe`.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+use userdm_io::Errno;
+use userdm_uring::Reactor;
 
 /// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
 const FUSE_DEV_IOC_CLONE: libc::c_ulong = (2 << 30) | (4 << 16) | (229 << 8);
@@ -116,4 +123,57 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result
 pub(crate) fn effective_ids() -> (u32, u32) {
     // SAFETY: geteuid and getegid cannot fail and touch no memory.
     unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Polls `file` for readability and reads into `buf` once it is readable, as two linked SQEs
+/// submitted together. Returns the read's byte count or errno; a poll failure cancels the read
+/// (ECANCELED).
+pub(crate) async fn poll_then_read(
+    rt: &Reactor,
+    file: &File,
+    buf: &mut [u8],
+) -> Result<usize, Errno> {
+    let fd = types::Fd(file.as_raw_fd());
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    let poll_entry = opcode::PollAdd::new(fd, libc::POLLIN as u32)
+        .build()
+        .flags(squeue::Flags::IO_LINK);
+    let read_entry = opcode::Read::new(fd, buf.as_mut_ptr(), len).build();
+    // SAFETY: the poll touches no memory, and `file` outlives it (borrowed for this call).
+    let mut poll_op = pin!(unsafe { rt.submit(poll_entry) });
+    // SAFETY: the read writes `buf`, which is mutably borrowed until this function returns; the
+    // future lives in this frame, and dropping it before its completion waits for the kernel
+    // (Reactor::submit's contract), so the kernel never writes `buf` after the borrow ends.
+    let mut read_op = pin!(unsafe { rt.submit(read_entry) });
+    // Poll both in the same turn so that both SQEs are queued back to back and the link holds.
+    // (If the submission queue fills between them the link is cut, and the read just answers
+    // EAGAIN when nothing is there, which the caller retries.)
+    let (mut poll_res, mut read_res) = (None, None);
+    poll_fn(|cx| {
+        if poll_res.is_none() {
+            if let Poll::Ready(res) = poll_op.as_mut().poll(cx) {
+                poll_res = Some(res);
+            }
+        }
+        if read_res.is_none() {
+            if let Poll::Ready(res) = read_op.as_mut().poll(cx) {
+                read_res = Some(res);
+            }
+        }
+        if poll_res.is_some() && read_res.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    match read_res {
+        Some(res) if res >= 0 => Ok(res as usize),
+        Some(res) if res == -libc::ECANCELED => match poll_res {
+            Some(p) if p < 0 => Err(Errno::from_neg(p)),
+            _ => Err(Errno::EAGAIN),
+        },
+        Some(res) => Err(Errno::from_neg(res)),
+        None => Err(Errno::EIO),
+    }
 }

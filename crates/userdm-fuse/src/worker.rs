@@ -11,12 +11,11 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use userdm_device::BlockDevice;
-use userdm_io::Errno;
 use userdm_uring::Reactor;
 
 use crate::export::Shared;
-use crate::handler;
 use crate::sync::{Group, ReaderToken};
+use crate::{handler, sys};
 
 /// Bytes before the data area: room for a request header in front of a write payload, a reply
 /// header in front of read data, and the head of a read-modify-write. One page, so that the
@@ -178,23 +177,20 @@ async fn serve<B: BlockDevice>(ctx: &ThreadCtx<'_, B>, buf: &mut TaskBuf) {
 
 /// Reads one request; `None` when the connection is gone.
 ///
-/// The descriptor is non-blocking, so an empty queue answers EAGAIN at once and we wait for
-/// readability on the ring. A blocking descriptor would either park an io-wq thread per read or,
-/// when a poll raced another reader, block this thread inside `io_uring_enter`.
+/// The descriptor is non-blocking, and each read is linked behind a poll for readability
+/// (`IOSQE_IO_LINK`): one submission that completes when a request is there, with no EAGAIN
+/// round trip when the queue is empty and no extra wait when it is not (the poll completes at
+/// once). A blocking descriptor would instead park an io-wq thread per read, or block this
+/// thread inside `io_uring_enter` when another reader took the request first.
 async fn read_request<B: BlockDevice>(ctx: &ThreadCtx<'_, B>, buf: &mut TaskBuf) -> Option<usize> {
     let range = buf.request_range();
     loop {
         let area = &mut buf.mem()[range.clone()];
-        match ctx.rt.read_at(ctx.fd, area, 0).await {
+        match sys::poll_then_read(ctx.rt, ctx.fd, area).await {
             Ok(len) => return Some(len),
-            Err(e) if e == Errno::EAGAIN => {
-                if ctx.rt.poll_readable(ctx.fd_raw()).await.is_err() {
-                    return None;
-                }
-            }
-            // Interrupted by a signal, or a request that vanished (interrupted) between the
-            // wake-up and our read: try again.
-            Err(e) if e.get() == libc::EINTR || e.get() == libc::ENOENT => {}
+            // Another reader took the request between the poll and our read; a signal; or a
+            // request that was interrupted and vanished meanwhile: try again.
+            Err(e) if matches!(e.get(), libc::EAGAIN | libc::EINTR | libc::ENOENT) => {}
             // ENODEV: unmounted or aborted. Anything else would repeat forever; stop this task
             // and let the others notice on their own reads.
             Err(_) => return None,
@@ -203,16 +199,15 @@ async fn read_request<B: BlockDevice>(ctx: &ThreadCtx<'_, B>, buf: &mut TaskBuf)
 }
 
 impl<B: BlockDevice> ThreadCtx<'_, B> {
-    fn fd_raw(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.fd.as_raw_fd()
-    }
-
     /// Writes a reply. The kernel takes it whole or not at all; ENOENT (the request was
     /// interrupted and is gone) and ENODEV (the connection ended) are expected and dropped.
     pub(crate) async fn send_reply(&self, bytes: &[u8]) {
         if self.rt.write_at(self.fd, bytes, 0).await.is_err() {
-            self.shared.control.stats.reply_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .control
+                .stats
+                .reply_errors
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use common::{fuse_available, pattern, Aligned, TempDir};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use userdm_device::BlockDevice;
 use userdm_fuse::mem::MemDevice;
 use userdm_fuse::{CacheMode, FuseError, FuseExport, FuseHandle, FuseOptions};
-use userdm_device::BlockDevice;
 use userdm_io::{IoOp, OpSet};
 
 const MIB: u64 = 1 << 20;
@@ -55,10 +55,17 @@ fn step(size: u64) -> impl Strategy<Value = Step> {
         (0..size / 512, 1u64..4).prop_map(|(s, d)| (s * 512).saturating_sub(d)),
         (size - 8192)..size,
     ];
-    let len = prop_oneof![1usize..1100, 4000usize..9000, (1usize..3).prop_map(|m| m << 20 | 77)];
+    let len = prop_oneof![
+        1usize..1100,
+        4000usize..9000,
+        (1usize..3).prop_map(|m| m << 20 | 77)
+    ];
     prop_oneof![
-        (offset.clone(), len.clone(), any::<u64>())
-            .prop_map(|(offset, len, seed)| Step::Write { offset, len, seed }),
+        (offset.clone(), len.clone(), any::<u64>()).prop_map(|(offset, len, seed)| Step::Write {
+            offset,
+            len,
+            seed
+        }),
         (offset, len).prop_map(|(offset, len)| Step::Read { offset, len }),
     ]
 }
@@ -100,7 +107,10 @@ fn unaligned_reads_and_writes_match_a_model() {
                     }
                 }
             }
-            prop_assert!(dev.read(0, size as usize) == *model, "device diverged from model");
+            prop_assert!(
+                dev.read(0, size as usize) == *model,
+                "device diverged from model"
+            );
             Ok(())
         })
         .unwrap();
@@ -123,14 +133,22 @@ fn o_direct_reads_and_writes() {
         .custom_flags(libc::O_DIRECT)
         .open(h.path())
         .unwrap();
-    for (i, (offset, len)) in [(0u64, 4096usize), (8192, 65536), (MIB, MIB as usize), (4096, 512)]
-        .into_iter()
-        .enumerate()
+    for (i, (offset, len)) in [
+        (0u64, 4096usize),
+        (8192, 65536),
+        (MIB, MIB as usize),
+        (4096, 512),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut buf = Aligned::new(len);
         buf.as_mut_slice().copy_from_slice(&pattern(i as u64, len));
         assert_eq!(file.write_at(buf.as_slice(), offset).unwrap(), len);
-        assert!(dev.read(offset, len) == buf.as_slice(), "write {i} not on the device");
+        assert!(
+            dev.read(offset, len) == buf.as_slice(),
+            "write {i} not on the device"
+        );
         let mut back = Aligned::new(len);
         assert_eq!(file.read_at(back.as_mut_slice(), offset).unwrap(), len);
         assert!(back.as_slice() == buf.as_slice(), "read {i} differs");
@@ -141,7 +159,11 @@ fn o_direct_reads_and_writes() {
     let mut back = Aligned::new(4096);
     file.read_at(back.as_mut_slice(), 0).unwrap();
     assert!(back.as_slice().iter().all(|&b| b == 7));
-    assert_eq!(h.stats().rmw, 0, "aligned direct IO needs no read-modify-write");
+    assert_eq!(
+        h.stats().rmw,
+        0,
+        "aligned direct IO needs no read-modify-write"
+    );
 }
 
 #[test]
@@ -199,7 +221,10 @@ fn fallocate_maps_to_discard_and_write_zeroes() {
     // Inside one sector: no discard at all, only zeroed bytes.
     fallocate(&file, punch, 200_010, 10).unwrap();
     assert_eq!(dev.counts().discards, 2);
-    assert_eq!(dev.read(200_009, 12), [&[0xaa][..], &[0; 10], &[0xaa]].concat());
+    assert_eq!(
+        dev.read(200_009, 12),
+        [&[0xaa][..], &[0; 10], &[0xaa]].concat()
+    );
 
     // Zero range: WRITE_ZEROES.
     fallocate(&file, libc::FALLOC_FL_ZERO_RANGE, MIB, MIB).unwrap();
@@ -319,7 +344,9 @@ fn concurrent_writers_share_sectors_without_losing_bytes() {
             let offset = ((k * WRITERS + w) * SLOT) as usize;
             let want = (w as u8 + 1) * 16 + (k % 16) as u8;
             assert!(
-                bytes[offset..offset + SLOT as usize].iter().all(|&b| b == want),
+                bytes[offset..offset + SLOT as usize]
+                    .iter()
+                    .all(|&b| b == want),
                 "slot {k} of writer {w} lost"
             );
         }
@@ -382,7 +409,11 @@ fn an_existing_file_is_covered_then_uncovered() {
     let h = FuseExport::start(dev.clone(), &path, FuseOptions::default()).unwrap();
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.len(), MIB);
-    assert_eq!(meta.permissions().mode() & 0o777, 0o644, "mode comes from the file");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o644,
+        "mode comes from the file"
+    );
     std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
@@ -438,7 +469,13 @@ fn bad_paths_and_devices_are_refused() {
 
     let err = FuseExport::start(dev.clone(), "/dev/null", opts()).unwrap_err();
     assert!(
-        matches!(err, FuseError::NotRegularFile { kind: "character device", .. }),
+        matches!(
+            err,
+            FuseError::NotRegularFile {
+                kind: "character device",
+                ..
+            }
+        ),
         "{err}"
     );
 
@@ -473,4 +510,56 @@ fn bad_paths_and_devices_are_refused() {
         let err = FuseExport::start(dev.clone(), &path, bad).unwrap_err();
         assert!(matches!(err, FuseError::InvalidOptions(_)), "{err}");
     }
+}
+
+#[test]
+fn a_mount_left_by_a_dead_server_is_reported_and_cleanable() {
+    if !fuse_available("a_mount_left_by_a_dead_server_is_reported_and_cleanable") {
+        return;
+    }
+    let dir = TempDir::new("stale");
+    let path = dir.join("disk.img");
+    std::fs::write(&path, b"").unwrap();
+    // Play a server that dies: mount a FUSE file on a /dev/fuse descriptor, then close it
+    // without ever answering. The kernel aborts the connection and the mount stays behind.
+    let fuse = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .unwrap();
+    let data = std::ffi::CString::new(format!(
+        "fd={},rootmode=100000,user_id=0,group_id=0",
+        fuse.as_raw_fd()
+    ))
+    .unwrap();
+    let target = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings that live across the call.
+    let res = unsafe {
+        libc::mount(
+            c"dead".as_ptr(),
+            target.as_ptr(),
+            c"fuse.dead".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    assert_eq!(res, 0, "{}", std::io::Error::last_os_error());
+    drop(fuse);
+    let err = std::fs::metadata(&path).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
+
+    let dev = Arc::new(MemDevice::new(MIB));
+    let err = FuseExport::start(dev.clone(), &path, FuseOptions::default()).unwrap_err();
+    assert!(matches!(err, FuseError::StaleMount(_)), "{err}");
+    assert!(err.to_string().contains("umount -l"), "{err}");
+
+    // The documented cleanup works, and the path can be exported again.
+    let status = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let h = FuseExport::start(dev, &path, FuseOptions::default()).unwrap();
+    assert_eq!(std::fs::metadata(h.path()).unwrap().len(), MIB);
 }

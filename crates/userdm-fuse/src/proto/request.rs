@@ -275,7 +275,10 @@ mod tests {
         let Operation::Init(init) = req.op else {
             panic!("not init: {req:?}")
         };
-        assert_eq!((init.major, init.minor, init.flags, init.flags2), (7, 31, 1, 0));
+        assert_eq!(
+            (init.major, init.minor, init.flags, init.flags2),
+            (7, 31, 1, 0)
+        );
     }
 
     #[test]
@@ -291,7 +294,10 @@ mod tests {
             parse_request(&request(opcode::READ, &[0u8; 39])),
             Err(ParseError::Truncated { opcode: 15, .. })
         ));
-        let batch = abi::BatchForgetIn { count: u32::MAX, dummy: 0 };
+        let batch = abi::BatchForgetIn {
+            count: u32::MAX,
+            dummy: 0,
+        };
         assert!(parse_request(&request(opcode::BATCH_FORGET, &encoded(&batch))).is_err());
         assert_eq!(
             parse_request(&request(9999, &[])).unwrap().op,
