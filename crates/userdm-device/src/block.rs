@@ -3,7 +3,7 @@
 use std::future::Future;
 
 use userdm_io::{Errno, IoHeader, OpSet};
-use userdm_table::{Target, TargetLimits};
+use userdm_table::{Allocation, Target, TargetLimits};
 use userdm_uring::Reactor;
 
 use crate::Device;
@@ -32,6 +32,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         io: IoHeader,
         buf: &mut [u8],
     ) -> impl Future<Output = Result<(), Errno>>;
+    /// The allocation state of the run starting at device-relative byte `offset_bytes` (a
+    /// multiple of 512), at most `max_len_bytes` long; nonzero and no longer than asked.
+    ///
+    /// Synchronous and cheap (no IO; at most a couple of syscalls), called on data-path threads.
+    /// The default, "all data", is always correct.
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        let _ = offset_bytes;
+        Allocation::data(max_len_bytes)
+    }
     /// Counts an opener in: an export calls this per connection or per kernel open.
     fn open(&self) {}
     /// Counts an opener out. Returns true when the caller should now remove the device
@@ -61,6 +70,10 @@ impl<T: Target + 'static> BlockDevice for Device<T> {
 
     async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> Result<(), Errno> {
         Device::io(self, rt, io, buf).await
+    }
+
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        Device::allocation(self, offset_bytes, max_len_bytes)
     }
 
     fn open(&self) {

@@ -8,7 +8,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use serde::Serialize;
 use userdm_io::limits::{DEVICE_NAME_BYTES_MAX, DEVICE_UUID_BYTES_MAX};
 use userdm_io::{Errno, IoError, IoHeader, IoOp};
-use userdm_table::{Dep, MessageError, Table, Target};
+use userdm_table::{Allocation, Dep, MessageError, Table, Target};
 use userdm_uring::Reactor;
 
 use crate::gate::Gate;
@@ -451,6 +451,18 @@ impl<T: Target> Device<T> {
                 Err(IoError::Failed(e)) => return self.fail(e),
             }
         }
+    }
+
+    /// The allocation state of the live table at device-relative byte `offset_bytes`, at most
+    /// `max_len_bytes` long and cut at the end of the row holding it (see [`Table::allocation`]).
+    ///
+    /// Metadata, not IO: it does not pass the gate, so it answers while the device is suspended
+    /// (from the table live then). Without a live table, out of range, or misaligned, the answer
+    /// is "data" for `max_len_bytes`, which is always correct.
+    pub fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        let live = self.live.read().clone();
+        live.and_then(|t| t.allocation(offset_bytes, max_len_bytes))
+            .unwrap_or(Allocation::data(max_len_bytes))
     }
 
     #[cold]

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use userdm_device::{Device, DeviceError, Geometry};
+use userdm_device::{BlockDevice, Device, DeviceError, Geometry};
 use userdm_io::{Errno, IoFlags, IoHeader, IoOp, IoResult, OpSet};
-use userdm_table::{RowSpec, Table, TableError, Target, TargetType};
+use userdm_table::{Allocation, RowSpec, Table, TableError, Target, TargetType};
 use userdm_uring::Reactor;
 
 /// Backing stores by name, so that a reloaded table can map the same bytes.
@@ -71,6 +71,27 @@ impl Target for Mem {
     fn table_params(&self) -> String {
         self.name.clone()
     }
+    /// Runs of all-zero sectors are holes; anything else is data.
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        let store = self.store.lock().unwrap();
+        let sector_zero = |at: u64| {
+            store[at as usize..at as usize + 512]
+                .iter()
+                .all(|&b| b == 0)
+        };
+        let zero = sector_zero(offset_bytes);
+        let mut at = offset_bytes;
+        while at < offset_bytes + max_len_bytes && sector_zero(at) == zero {
+            at += 512;
+        }
+        let len = at - offset_bytes;
+        if zero {
+            Allocation::hole(len)
+        } else {
+            Allocation::data(len)
+        }
+    }
+
     async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> IoResult {
         if self.slow {
             rt.sleep(Duration::from_micros(200)).await;
@@ -145,6 +166,39 @@ fn load_resume_swaps_and_io_flows() {
         "sector 14 now maps y's sectors 6..8"
     );
     assert_eq!(d.event_nr(), 0, "resume raises no event, as in the kernel");
+}
+
+#[test]
+fn allocation_comes_from_the_live_table() {
+    let ctx = Stores::default();
+    let d = dev("alloc");
+    // No live table: "data", the answer that is always correct.
+    assert_eq!(d.allocation(0, 4096), Allocation::data(4096));
+    d.load(table(&ctx, "0 8 mem ax\n8 8 mem ay\n"));
+    d.resume().unwrap();
+    assert_eq!(
+        d.allocation(0, 1 << 20),
+        Allocation::hole(4096),
+        "cut at the row's end"
+    );
+    let rt = Reactor::new(8).unwrap();
+    let mut w = vec![7u8; 1024];
+    rt.block_on(d.io(&rt, hdr(IoOp::Write, 10, 2), &mut w))
+        .unwrap();
+    assert_eq!(d.allocation(4096, 1 << 20), Allocation::hole(1024));
+    // Through the export's trait, as NBD asks.
+    assert_eq!(
+        BlockDevice::allocation(&d, 5120, 1 << 20),
+        Allocation::data(1024)
+    );
+    assert_eq!(d.allocation(6144, 512), Allocation::hole(512));
+    // Past the end or misaligned: data.
+    assert_eq!(d.allocation(8192, 512), Allocation::data(512));
+    assert_eq!(d.allocation(100, 512), Allocation::data(512));
+    // A suspended device still answers, from the table that was live.
+    d.suspend(false, None).unwrap();
+    assert_eq!(d.allocation(5120, 4096), Allocation::data(1024));
+    d.resume().unwrap();
 }
 
 #[test]

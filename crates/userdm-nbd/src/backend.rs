@@ -160,8 +160,9 @@ impl<B: Backend> Backend for Arc<B> {
 /// Exports any [`BlockDevice`] (a userdm mapped device) as an NBD [`Backend`].
 ///
 /// Block sizes come from the device's limits (logical block → minimum, physical block →
-/// preferred). A mapped device is one shared state behind every connection, so multi-conn is
-/// advertised. Allocation is not known at this level, so everything reads as data.
+/// preferred). A mapped device is one shared state behind every connection, and a FLUSH goes to
+/// every row of its live table, so multi-conn is advertised. Allocation comes from the device's
+/// targets ([`BlockDevice::allocation`]): memory rows, holes in backing files, zero rows.
 pub struct DeviceBackend<D>(pub Arc<D>);
 
 impl<D: BlockDevice> Backend for DeviceBackend<D> {
@@ -195,6 +196,19 @@ impl<D: BlockDevice> Backend for DeviceBackend<D> {
         buf: &mut [u8],
     ) -> impl Future<Output = Result<(), Errno>> {
         self.0.io(rt, io, buf)
+    }
+    fn allocation(
+        &self,
+        _rt: &Reactor,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> impl Future<Output = Result<Extent, Errno>> {
+        let a = self.0.allocation(offset_bytes, len_bytes);
+        std::future::ready(Ok(Extent {
+            len_bytes: a.len_bytes,
+            hole: a.hole,
+            zero: a.zero,
+        }))
     }
     fn open(&self) {
         self.0.open();

@@ -22,4 +22,4 @@ mod target;
 pub use error::{MessageError, TableError};
 pub use parse::{parse_table_text, split_params, RowSpec};
 pub use table::{Row, Table};
-pub use target::{Dep, Target, TargetLimits, TargetType};
+pub use target::{Allocation, Dep, Target, TargetLimits, TargetType};

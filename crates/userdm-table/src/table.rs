@@ -4,7 +4,7 @@ use userdm_io::limits::DEVICE_SECTORS_MAX;
 use userdm_io::{Errno, IoError, IoFlags, IoHeader, IoOp, IoResult, OpSet, SECTOR_SIZE};
 use userdm_uring::Reactor;
 
-use crate::{Dep, MessageError, RowSpec, TableError, Target, TargetLimits};
+use crate::{Allocation, Dep, MessageError, RowSpec, TableError, Target, TargetLimits};
 
 /// One row of a built table.
 #[derive(Debug)]
@@ -216,6 +216,32 @@ impl<T: Target> Table<T> {
         Ok(())
     }
 
+    /// The allocation state of the run starting at device-relative byte `offset_bytes`, at most
+    /// `max_len_bytes` long and never past the end of the row holding it (the next row may
+    /// differ, so the caller asks again there). `None` when the offset is past the end, not
+    /// sector-aligned, or the length is zero.
+    ///
+    /// A target's answer is clipped to what was asked and made at least one sector long, so a
+    /// caller's walk always moves forward.
+    pub fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Option<Allocation> {
+        if offset_bytes % SECTOR_SIZE != 0 || max_len_bytes == 0 {
+            return None;
+        }
+        let sector = offset_bytes / SECTOR_SIZE;
+        let row = &self.rows[self.find(sector)?];
+        let row_end_bytes = (row.start + row.len) * SECTOR_SIZE;
+        let len = max_len_bytes.min(row_end_bytes - offset_bytes);
+        let within = offset_bytes - row.start * SECTOR_SIZE;
+        let answer = row.target.allocation(within, len);
+        let clipped = answer.len_bytes.min(len);
+        let len = if clipped == 0 {
+            len.min(SECTOR_SIZE)
+        } else {
+            clipped
+        };
+        Some(answer.with_len(len))
+    }
+
     async fn flush_all(&self, rt: &Reactor, flags: IoFlags) -> IoResult {
         let flush = IoHeader {
             op: IoOp::Flush,
@@ -332,6 +358,65 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    /// Reports rows with an even id as holes, in runs of `id` sectors; odd ids use the default.
+    #[derive(Debug)]
+    struct Holes(u64);
+
+    impl Target for Holes {
+        type Context = ();
+        fn types() -> &'static [crate::TargetType] {
+            &[]
+        }
+        fn construct(_: &(), row: &RowSpec) -> Result<Holes, TableError> {
+            Ok(Holes(row.params.parse().unwrap_or(1)))
+        }
+        fn type_name(&self) -> &'static str {
+            "holes"
+        }
+        fn ops(&self) -> OpSet {
+            OpSet::STORAGE
+        }
+        fn table_params(&self) -> String {
+            self.0.to_string()
+        }
+        fn allocation(&self, _offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+            if self.0 % 2 == 1 {
+                return Allocation::data(max_len_bytes);
+            }
+            // Deliberately too long or zero: the table must clip either.
+            match self.0 {
+                0 => Allocation::hole(0),
+                n => Allocation::hole(n * 512 + max_len_bytes),
+            }
+        }
+        async fn io(&self, _rt: &Reactor, _io: IoHeader, _buf: &mut [u8]) -> IoResult {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn allocation_is_clipped_at_rows_and_requests() {
+        let t: Table<Holes> =
+            Table::parse(&(), "0 8 holes 1\n8 8 holes 2\n16 8 holes 0\n").unwrap();
+        // The default answer (data), cut at the row's end.
+        assert_eq!(t.allocation(0, 1 << 20), Some(Allocation::data(8 * 512)));
+        assert_eq!(t.allocation(1024, 512), Some(Allocation::data(512)));
+        // A target that answers too long is cut at its row's end and at the request.
+        assert_eq!(
+            t.allocation(8 * 512, 1 << 20),
+            Some(Allocation::hole(8 * 512))
+        );
+        assert_eq!(t.allocation(9 * 512, 1024), Some(Allocation::hole(1024)));
+        // A zero-length answer still moves the caller forward by one sector.
+        assert_eq!(t.allocation(16 * 512, 4096), Some(Allocation::hole(512)));
+        // Out of range, misaligned or empty.
+        assert_eq!(t.allocation(24 * 512, 512), None);
+        assert_eq!(t.allocation(100, 512), None);
+        assert_eq!(t.allocation(0, 0), None);
+        let empty: Table<Holes> = Table::build(&(), &[]).unwrap();
+        assert_eq!(empty.allocation(0, 512), None);
     }
 
     fn table(text: &str) -> Table<Probe> {

@@ -63,6 +63,47 @@ impl TargetLimits {
     }
 }
 
+/// The allocation state of a run of storage, as NBD's `base:allocation` metadata context and
+/// sparse-aware copies see it.
+///
+/// "Data" (neither flag) is always a correct answer; `hole` says the run holds no storage
+/// (reading it costs nothing), `zero` that it reads as zeros. A hole that is not zero is allowed
+/// (its contents are undefined), as the NBD specification allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// Length of the run in bytes; nonzero unless the query was empty.
+    pub len_bytes: u64,
+    /// Not allocated in the backing store.
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+impl Allocation {
+    /// Allocated storage of unknown contents: what a target that does not know says.
+    pub const fn data(len_bytes: u64) -> Allocation {
+        Allocation {
+            len_bytes,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// Unallocated storage that reads as zeros.
+    pub const fn hole(len_bytes: u64) -> Allocation {
+        Allocation {
+            len_bytes,
+            hole: true,
+            zero: true,
+        }
+    }
+
+    /// The same state, `len_bytes` long.
+    pub const fn with_len(self, len_bytes: u64) -> Allocation {
+        Allocation { len_bytes, ..self }
+    }
+}
+
 /// One row's implementation: a device-mapper target instance.
 ///
 /// Instances are built on the control thread by [`Target::construct`] when a table is loaded,
@@ -123,6 +164,18 @@ pub trait Target: Send + Sync + Sized {
 
     /// Called when the table becomes live again, or live for the first time.
     fn resume(&self) {}
+
+    /// The allocation state of the run of the row starting at `offset_bytes` (row-relative, a
+    /// multiple of 512, inside the row), at most `max_len_bytes` (nonzero, not past the row's end)
+    /// long. The answer's length is nonzero and at most `max_len_bytes`; shorter means the state
+    /// changes there (or the target stopped looking).
+    ///
+    /// Synchronous and cheap: called on data-path threads, once per extent of an NBD
+    /// `BLOCK_STATUS` and of large structured reads. The default, "all data", is always correct.
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        let _ = offset_bytes;
+        Allocation::data(max_len_bytes)
+    }
 
     /// Serves one request. See the trait docs for the contract.
     fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> impl Future<Output = IoResult>;

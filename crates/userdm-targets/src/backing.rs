@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use userdm_io::{Errno, IoError, IoFlags, IoHeader, IoOp, IoResult, SECTOR_SIZE};
-use userdm_table::{Dep, TargetLimits};
+use userdm_table::{Allocation, Dep, TargetLimits};
 use userdm_uring::Reactor;
 
 use crate::args::escape_word;
@@ -149,6 +149,35 @@ impl Backing {
                 need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
                 self.size_bytes,
             )),
+        }
+    }
+
+    /// The allocation state at byte `offset` of the store, at most `max_len` long.
+    ///
+    /// Regular files answer from `lseek(SEEK_HOLE)` and, inside a hole, `lseek(SEEK_DATA)`: one
+    /// or two cheap syscalls, no IO. Block devices, and files on filesystems that track no holes,
+    /// are all data. Any failure reads as data, which is always correct.
+    pub(crate) fn allocation(&self, offset: u64, max_len: u64) -> Allocation {
+        if self.kind != BackingKind::File {
+            return Allocation::data(max_len);
+        }
+        let end = offset.saturating_add(max_len);
+        match crate::sys::seek_hole(&self.file, offset) {
+            Ok(crate::sys::Seek::At(hole)) if hole > offset => {
+                return Allocation::data(hole.min(end) - offset);
+            }
+            Ok(crate::sys::Seek::At(_)) => {}
+            // Past the end of the file (truncated since the table was loaded): reads fail
+            // there, so claim nothing.
+            Ok(crate::sys::Seek::NoMore) | Err(_) => return Allocation::data(max_len),
+        }
+        // In a hole: it lasts until the next data, or to the end of the file.
+        match crate::sys::seek_data(&self.file, offset) {
+            Ok(crate::sys::Seek::At(data)) if data > offset => {
+                Allocation::hole(data.min(end) - offset)
+            }
+            Ok(crate::sys::Seek::NoMore) => Allocation::hole(max_len),
+            _ => Allocation::data(max_len),
         }
     }
 
@@ -292,6 +321,18 @@ impl Mapping {
             .ok_or(IoError::Failed(Errno::EOVERFLOW))
     }
 
+    /// The allocation state at row-relative byte `offset_bytes`.
+    pub(crate) fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        match self
+            .start
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|s| s.checked_add(offset_bytes))
+        {
+            Some(at) => self.backing.allocation(at, max_len_bytes),
+            None => Allocation::data(max_len_bytes),
+        }
+    }
+
     /// Serves one request on the backing store, the request's sector being row-relative.
     pub(crate) async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> IoResult {
         match io.op {
@@ -415,6 +456,42 @@ mod tests {
             Backing::open(&ctx, "userdm:other").unwrap_err(),
             "no userdm device 'other'"
         );
+    }
+
+    #[test]
+    fn allocation_follows_the_files_holes() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        f.as_file().write_all_at(&[7u8; 65536], 1 << 20).unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let b = Backing::open(&TargetContext::new(), &path).unwrap();
+        let first = b.allocation(0, 4 << 20);
+        if !first.hole {
+            // This filesystem tracks no holes: everything is data, which is correct too.
+            assert_eq!(first, Allocation::data(4 << 20));
+            eprintln!("skipped: the temporary directory's filesystem reports no holes");
+            return;
+        }
+        assert_eq!(first, Allocation::hole(1 << 20));
+        assert_eq!(b.allocation(4096, 8192), Allocation::hole(8192));
+        let data = b.allocation(1 << 20, 4 << 20);
+        assert!(!data.hole && !data.zero);
+        assert!(
+            data.len_bytes >= 65536 && data.len_bytes < 3 << 20,
+            "{data:?}"
+        );
+        assert_eq!(b.allocation(1 << 20, 4096), Allocation::data(4096));
+        // The tail hole runs to the end of the file; a query past it is still answered.
+        assert_eq!(b.allocation(3 << 20, 1 << 20), Allocation::hole(1 << 20));
+        assert_eq!(b.allocation(8 << 20, 512), Allocation::data(512));
+        // Through a mapping, offsets are relative to its start sector.
+        let m = Mapping {
+            backing: b,
+            start: 2048,
+        };
+        assert_eq!(m.allocation(0, 65536), Allocation::data(65536));
+        assert_eq!(m.allocation(65536, 65536), Allocation::hole(65536));
     }
 
     #[test]

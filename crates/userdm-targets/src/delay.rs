@@ -14,7 +14,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use userdm_io::{IoHeader, IoOp, IoResult, OpSet};
-use userdm_table::{Dep, RowSpec, TableError, TargetLimits};
+use userdm_table::{Allocation, Dep, RowSpec, TableError, TargetLimits};
 use userdm_uring::sync::Notify;
 use userdm_uring::Reactor;
 
@@ -149,6 +149,11 @@ impl Delay {
 
     pub(crate) fn resume(&self) {
         self.may_delay.store(true, Ordering::SeqCst);
+    }
+
+    /// What reads see: the read class's device. Not delayed: allocation is metadata, no IO.
+    pub(crate) fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        self.read.map.allocation(offset_bytes, max_len_bytes)
     }
 
     pub(crate) async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> IoResult {

@@ -82,7 +82,9 @@ pub mod memory_limits {
 }
 
 use userdm_io::{IoHeader, IoResult, OpSet};
-use userdm_table::{Dep, MessageError, RowSpec, TableError, Target, TargetLimits, TargetType};
+use userdm_table::{
+    Allocation, Dep, MessageError, RowSpec, TableError, Target, TargetLimits, TargetType,
+};
 use userdm_uring::Reactor;
 
 /// Every target type, with the versions `dmsetup targets` shows for the kernel's own (6.12).
@@ -270,6 +272,31 @@ impl Target for AnyTarget {
             AnyTarget::Dust(t) => t.limits(),
             AnyTarget::User(t) => t.limits(),
             AnyTarget::Zero(_) | AnyTarget::Memory(_) => TargetLimits::default(),
+        }
+    }
+
+    /// linear, striped and delay ask their backing files (`SEEK_HOLE`/`SEEK_DATA`); memory
+    /// answers from its chunk table; zero is one hole that reads as zeros; error, flakey, dust and
+    /// user say "data" (a hole would let a sparse copy skip the errors or corruption they exist
+    /// to produce).
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        match self {
+            AnyTarget::Linear(t) => t.allocation(offset_bytes, max_len_bytes),
+            AnyTarget::Striped(t) => t.allocation(offset_bytes, max_len_bytes),
+            AnyTarget::Delay(t) => t.allocation(offset_bytes, max_len_bytes),
+            AnyTarget::Zero(_) => Allocation::hole(max_len_bytes),
+            AnyTarget::Memory(m) => {
+                let e = m.allocation_extent(offset_bytes, max_len_bytes);
+                if e.allocated {
+                    Allocation::data(e.len_bytes)
+                } else {
+                    Allocation::hole(e.len_bytes)
+                }
+            }
+            AnyTarget::Error(_)
+            | AnyTarget::Flakey(_)
+            | AnyTarget::Dust(_)
+            | AnyTarget::User(_) => Allocation::data(max_len_bytes),
         }
     }
 

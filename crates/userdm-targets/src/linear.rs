@@ -1,7 +1,7 @@
 //! `linear <dev> <offset>`: maps the row onto a range of another device or file.
 
 use userdm_io::{IoHeader, IoResult, OpSet};
-use userdm_table::{Dep, RowSpec, TableError, TargetLimits};
+use userdm_table::{Allocation, Dep, RowSpec, TableError, TargetLimits};
 use userdm_uring::Reactor;
 
 use crate::args::{parse_u64, target_error};
@@ -46,6 +46,10 @@ impl Linear {
 
     pub(crate) fn limits(&self) -> TargetLimits {
         self.map.backing.limits()
+    }
+
+    pub(crate) fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        self.map.allocation(offset_bytes, max_len_bytes)
     }
 
     pub(crate) async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> IoResult {

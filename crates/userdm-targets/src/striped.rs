@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use userdm_io::{Errno, IoError, IoFlags, IoHeader, IoOp, IoResult, OpSet, SECTOR_SIZE};
-use userdm_table::{Dep, RowSpec, TableError, TargetLimits};
+use userdm_table::{Allocation, Dep, RowSpec, TableError, TargetLimits};
 use userdm_uring::Reactor;
 
 use crate::args::{parse_u32, parse_u64, target_error};
@@ -152,6 +152,18 @@ impl Striped {
 
     fn map_range_sector(&self, sector: u64, target: usize) -> u64 {
         map_range_sector(self.stripes.len() as u64, self.chunk, sector, target)
+    }
+
+    /// The state of the chunk holding `offset_bytes`, on its stripe, cut at the chunk's end.
+    pub(crate) fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        let sector = offset_bytes / SECTOR_SIZE;
+        let (stripe, within) = self.map_sector(sector);
+        let chunk_left =
+            (self.chunk - sector % self.chunk) * SECTOR_SIZE - offset_bytes % SECTOR_SIZE;
+        let len = max_len_bytes.min(chunk_left);
+        self.stripes[stripe]
+            .map
+            .allocation(within * SECTOR_SIZE + offset_bytes % SECTOR_SIZE, len)
     }
 
     pub(crate) async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> IoResult {

@@ -45,9 +45,65 @@ pub(crate) fn physical_block_size(file: &File) -> io::Result<u32> {
     Ok(size)
 }
 
+/// Where `lseek(SEEK_DATA)` or `lseek(SEEK_HOLE)` from `offset` lands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seek {
+    /// The next data (or hole) starts here.
+    At(u64),
+    /// `ENXIO`: no data at or after `offset` (or `offset` is at or past the end of the file).
+    NoMore,
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Seek> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek takes no pointers; the fd is open (borrowed from `file`). SEEK_DATA and
+    // SEEK_HOLE move the file position, which no other code uses: all IO on backing files is
+    // positioned (io_uring reads and writes with explicit offsets).
+    let res = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if res >= 0 {
+        return Ok(Seek::At(res as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(Seek::NoMore)
+    } else {
+        Err(e)
+    }
+}
+
+/// `lseek(SEEK_DATA)`: the first byte of data at or after `offset`.
+pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<Seek> {
+    lseek(file, offset, libc::SEEK_DATA)
+}
+
+/// `lseek(SEEK_HOLE)`: the first byte of a hole at or after `offset` (the end of the file counts
+/// as a hole).
+pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Seek> {
+    lseek(file, offset, libc::SEEK_HOLE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seek_data_and_hole_find_a_written_block() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 512 << 10).unwrap();
+        // Filesystems without hole tracking report all data; the answers must still be sane.
+        match seek_data(&f, 0).unwrap() {
+            Seek::At(d) => assert!(d <= 512 << 10, "{d}"),
+            Seek::NoMore => panic!("data was written"),
+        }
+        match seek_hole(&f, 512 << 10).unwrap() {
+            Seek::At(h) => assert!(h > 512 << 10 && h <= 1 << 20, "{h}"),
+            Seek::NoMore => panic!("the end of the file is a hole"),
+        }
+        assert_eq!(seek_data(&f, 1 << 20).unwrap(), Seek::NoMore);
+    }
 
     #[test]
     fn ioctls_on_a_regular_file_fail_cleanly() {
