@@ -485,6 +485,16 @@ pub struct InfoArgs {
     #[arg(long)]
     pub noheadings: bool,
 
+    /// With --columns: the fields, comma-separated (`+F` adds to the default
+    /// name,major,minor,attr,open,segments,events,uuid). Also: read_ahead, tables_loaded,
+    /// suspended, readonly, devno.
+    #[arg(short = 'o', long = "options", value_name = "FIELDS")]
+    pub options: Option<String>,
+
+    /// With --columns: separate fields with SEP instead of aligning them.
+    #[arg(long, value_name = "SEP")]
+    pub separator: Option<String>,
+
     /// The devices (default: all).
     #[arg(value_name = "NAME")]
     pub names: Vec<String>,

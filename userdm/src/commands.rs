@@ -13,7 +13,7 @@ use userdm_control::rundir::{Found, RunDir, RunLock};
 use userdm_table::{Target, TargetType};
 use userdm_targets::AnyTarget;
 
-use crate::cli::{Cli, QueryArgs, TableSource, Verb};
+use crate::cli::{Cli, InfoArgs, QueryArgs, TableSource, Verb};
 use crate::{output, BrokenPipe, UsageError};
 
 /// userdm's version, shown where dmsetup shows libdevmapper's and the kernel driver's.
@@ -52,7 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Rename(a) => s.rename(&a.name, &a.new, a.setuuid),
         Verb::Message(a) => s.message(&a.name, a.sector, a.words),
         Verb::Ls(a) => s.ls(a.target.as_deref(), a.tree),
-        Verb::Info(a) => s.info(&a.names, a.columns, a.noheadings),
+        Verb::Info(a) => s.info(&a),
         Verb::Deps(a) => s.deps(&a),
         Verb::Status(a) => s.rows(&a, true),
         Verb::Table(a) => s.rows(&a, false),
@@ -360,10 +360,12 @@ impl Session {
         print(&text.unwrap_or_else(|| output::ls(&shown)))
     }
 
-    fn info(&self, names: &[String], columns: bool, noheadings: bool) -> Result<()> {
+    fn info(&self, a: &InfoArgs) -> Result<()> {
+        let columns = a.columns || a.options.is_some() || a.separator.is_some();
+        let fields = output::fields(a.options.as_deref()).map_err(UsageError)?;
         let collect = self.json || columns;
         let mut reports: Vec<DeviceReport> = Vec::new();
-        let count = self.for_each(names, |d| {
+        let count = self.for_each(&a.names, |d| {
             if collect {
                 reports.push(d.info.clone());
                 Ok(())
@@ -378,7 +380,12 @@ impl Session {
             return print("No devices found\n");
         }
         if columns {
-            return print(&output::info_columns(&reports, !noheadings));
+            return print(&output::info_report(
+                &reports,
+                &fields,
+                !a.noheadings,
+                a.separator.as_deref(),
+            ));
         }
         Ok(())
     }

@@ -50,75 +50,220 @@ pub fn attr(r: &DeviceReport) -> String {
     a
 }
 
-/// `dmsetup info -c`: the default report `name,major,minor,attr,open,segments,events,uuid`.
-///
-/// As libdm's buffered report: each column is as wide as the widest of its default width, its
-/// heading and its values; strings align left, numbers right, headings left; one space
-/// between columns, and the last column is padded too.
-pub fn info_columns(reports: &[DeviceReport], headings: bool) -> String {
-    // (heading, default width, right-aligned)
-    const COLUMNS: [(&str, usize, bool); 8] = [
-        ("Name", 16, false),
-        ("Maj", 3, true),
-        ("Min", 3, true),
-        ("Stat", 4, false),
-        ("Open", 4, true),
-        ("Targ", 4, true),
-        ("Event", 6, true),
-        ("UUID", 32, false),
-    ];
-    let rows: Vec<[String; 8]> = reports
-        .iter()
-        .map(|r| {
-            [
-                r.name.clone(),
-                r.major.to_string(),
-                r.minor.to_string(),
-                attr(r),
-                r.open_count.to_string(),
-                r.target_count.to_string(),
-                r.event_nr.to_string(),
-                r.uuid.clone().unwrap_or_default(),
-            ]
+/// One field of dmsetup's `info -c` report: its `-o` name, heading, default width and whether
+/// it aligns right (numbers) or left (strings).
+#[derive(Clone, Copy, Debug)]
+pub struct Field {
+    /// The name `-o` takes.
+    pub id: &'static str,
+    heading: &'static str,
+    width: usize,
+    right: bool,
+    value: fn(&DeviceReport) -> String,
+}
+
+/// The fields userdm reports, with dmsetup's headings and widths (`_report_fields`).
+pub const FIELDS: &[Field] = &[
+    Field {
+        id: "name",
+        heading: "Name",
+        width: 16,
+        right: false,
+        value: |r| r.name.clone(),
+    },
+    Field {
+        id: "major",
+        heading: "Maj",
+        width: 3,
+        right: true,
+        value: |r| r.major.to_string(),
+    },
+    Field {
+        id: "minor",
+        heading: "Min",
+        width: 3,
+        right: true,
+        value: |r| r.minor.to_string(),
+    },
+    Field {
+        id: "attr",
+        heading: "Stat",
+        width: 4,
+        right: false,
+        value: attr,
+    },
+    Field {
+        id: "open",
+        heading: "Open",
+        width: 4,
+        right: true,
+        value: |r| r.open_count.to_string(),
+    },
+    Field {
+        id: "segments",
+        heading: "Targ",
+        width: 4,
+        right: true,
+        value: |r| r.target_count.to_string(),
+    },
+    Field {
+        id: "events",
+        heading: "Event",
+        width: 6,
+        right: true,
+        value: |r| r.event_nr.to_string(),
+    },
+    Field {
+        id: "uuid",
+        heading: "UUID",
+        width: 32,
+        right: false,
+        value: |r| r.uuid.clone().unwrap_or_default(),
+    },
+    Field {
+        id: "read_ahead",
+        heading: "RAhead",
+        width: 6,
+        right: true,
+        value: |r| r.read_ahead.to_string(),
+    },
+    Field {
+        id: "tables_loaded",
+        heading: "Tables",
+        width: 6,
+        right: false,
+        value: tables_loaded,
+    },
+    Field {
+        id: "suspended",
+        heading: "Suspended",
+        width: 9,
+        right: false,
+        value: |r| if r.suspended { "Suspended" } else { "Active" }.to_string(),
+    },
+    Field {
+        id: "readonly",
+        heading: "Read-only",
+        width: 9,
+        right: false,
+        value: |r| {
+            if r.read_only {
+                "Read-only"
+            } else {
+                "Writeable"
+            }
+            .to_string()
+        },
+    },
+    Field {
+        id: "devno",
+        heading: "DevNo",
+        width: 5,
+        right: false,
+        value: |r| format!("{}:{}", r.major, r.minor),
+    },
+];
+
+/// dmsetup's default `info -c` fields.
+pub const DEFAULT_FIELDS: &str = "name,major,minor,attr,open,segments,events,uuid";
+
+fn tables_loaded(r: &DeviceReport) -> String {
+    match (r.live_table, r.inactive_table) {
+        (true, true) => "Both",
+        (true, false) => "Live",
+        (false, true) => "Inactive",
+        (false, false) => "None",
+    }
+    .to_string()
+}
+
+/// Resolves `-o`: a comma-separated list of field names; a leading `+` appends to the
+/// defaults. `Err` names the unknown field.
+pub fn fields(spec: Option<&str>) -> Result<Vec<Field>, String> {
+    let spec = match spec {
+        None => DEFAULT_FIELDS.to_string(),
+        Some(s) => match s.strip_prefix('+') {
+            Some(more) => format!("{DEFAULT_FIELDS},{more}"),
+            None => s.to_string(),
+        },
+    };
+    spec.split(',')
+        .filter(|f| !f.is_empty())
+        .map(|id| {
+            FIELDS.iter().copied().find(|f| f.id == id).ok_or_else(|| {
+                let known: Vec<&str> = FIELDS.iter().map(|f| f.id).collect();
+                format!("unrecognised field: {id} (fields: {})", known.join(","))
+            })
         })
+        .collect()
+}
+
+/// `dmsetup info -c`: one line per device.
+///
+/// As libdm's buffered report: aligned (no `--separator`), each column is as wide as the widest
+/// of its default width, its heading and its values; strings align left, numbers right,
+/// headings left; one space between columns, and the last column is padded too. With a
+/// separator, values are joined by it without padding.
+pub fn info_report(
+    reports: &[DeviceReport],
+    fields: &[Field],
+    headings: bool,
+    separator: Option<&str>,
+) -> String {
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| fields.iter().map(|f| (f.value)(r)).collect())
         .collect();
-    let widths: Vec<usize> = COLUMNS
+    let widths: Vec<usize> = fields
         .iter()
         .enumerate()
-        .map(|(i, (heading, width, _))| {
+        .map(|(i, f)| {
             rows.iter()
-                .map(|row| row[i].chars().count())
-                .chain([*width, heading.len()])
+                .filter_map(|row| row.get(i))
+                .map(|v| v.chars().count())
+                .chain([f.width, f.heading.len()])
                 .max()
-                .unwrap_or(*width)
+                .unwrap_or(f.width)
         })
         .collect();
+    let line = |cells: Vec<String>| {
+        let mut l = cells.join(separator.unwrap_or(" "));
+        l.push('\n');
+        l
+    };
     let mut s = String::new();
     if headings {
-        let line: Vec<String> = COLUMNS
-            .iter()
-            .zip(&widths)
-            .map(|((h, _, _), w)| format!("{h:<w$}"))
-            .collect();
-        s += &line.join(" ");
-        s.push('\n');
+        s += &line(
+            fields
+                .iter()
+                .zip(&widths)
+                .map(|(f, w)| match separator {
+                    Some(_) => f.heading.to_string(),
+                    None => format!("{:<w$}", f.heading),
+                })
+                .collect(),
+        );
     }
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(COLUMNS.iter().zip(&widths))
-            .map(|(value, ((_, _, right), w))| {
-                if *right {
-                    format!("{value:>w$}")
-                } else {
-                    format!("{value:<w$}")
-                }
-            })
-            .collect();
-        s += &line.join(" ");
-        s.push('\n');
+    for row in rows {
+        s += &line(
+            row.into_iter()
+                .zip(fields.iter().zip(&widths))
+                .map(|(v, (f, w))| match separator {
+                    Some(_) => v,
+                    None if f.right => format!("{v:>w$}"),
+                    None => format!("{v:<w$}"),
+                })
+                .collect(),
+        );
     }
     s
+}
+
+/// `dmsetup info -c` with the default fields.
+#[cfg(test)]
+pub fn info_columns(reports: &[DeviceReport], headings: bool) -> String {
+    let fields = fields(None).unwrap_or_default();
+    info_report(reports, &fields, headings, None)
 }
 
 /// `dmsetup ls`: `NAME\t(MAJOR:MINOR)` per device, or `No devices found`.
@@ -383,6 +528,45 @@ t3               254   3 ---w    0    0      0                                 \
                 "a-name-longer-than-16   0 1234 LIsr    0    1      0 {}",
                 "U".repeat(40)
             )
+        );
+    }
+
+    #[test]
+    fn info_report_fields_and_separator() {
+        let r = DeviceReport {
+            suspended: true,
+            inactive_table: true,
+            ..report("t1", 1)
+        };
+        let f = fields(Some(
+            "name,open,tables_loaded,suspended,readonly,devno,read_ahead",
+        ))
+        .unwrap();
+        assert_eq!(
+            info_report(std::slice::from_ref(&r), &f, true, None),
+            "Name             Open Tables Suspended Read-only DevNo RAhead\n\
+             t1                  0 Both   Suspended Writeable 254:1    256\n"
+        );
+        assert_eq!(
+            info_report(
+                std::slice::from_ref(&r),
+                &fields(Some("name,attr")).unwrap(),
+                true,
+                Some(":")
+            ),
+            "Name:Stat\nt1:LIsw\n"
+        );
+        assert_eq!(
+            info_report(&[r], &fields(Some("open")).unwrap(), false, None),
+            "   0\n"
+        );
+        let plus = fields(Some("+devno")).unwrap();
+        assert_eq!(plus.len(), 9);
+        assert_eq!(plus[8].id, "devno");
+        let e = fields(Some("name,bogus")).unwrap_err();
+        assert!(
+            e.starts_with("unrecognised field: bogus (fields: name,major,"),
+            "{e}"
         );
     }
 

@@ -203,6 +203,21 @@ fn outputs_match_dmsetup() {
              t0: 12288 8192 striped 2 {a} {b} 1 AA\nt3: \n"
         )
     );
+    assert_eq!(
+        env.ok(&[
+            "info",
+            "-c",
+            "--noheadings",
+            "-o",
+            "name,open,tables_loaded",
+            "--separator",
+            ",",
+            "t0",
+            "t3"
+        ]),
+        "t0,0,Live\nt3,0,None\n"
+    );
+    assert_eq!(env.fails(&["info", "-c", "-o", "nope"], 2), "userdm: unrecognised field: nope (fields: name,major,minor,attr,open,segments,events,uuid,read_ahead,tables_loaded,suspended,readonly,devno)\n");
     assert_eq!(env.ok(&["table", "t3"]), "\n");
     // As dmsetup, the devices before a missing one are shown, then the command fails.
     let out = env.run(&["table", "t3", "t9", "t0"]);
