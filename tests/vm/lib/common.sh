@@ -219,6 +219,7 @@ INITRD_MODULES=(
 	dm-log-writes dm-unstripe dm-crypt dm-dust
 	nbd loop cuse
 	"null_blk nr_devices=0"
+	ext4 # (and its dependencies) for tests that put a filesystem on a device
 )
 
 # Resolve INITRD_MODULES against the kernel's modules.order/modules.builtin
@@ -289,15 +290,15 @@ initrd_build() { # SERIES
 	# The initramfs has no libc: busybox must be the static build.
 	[[ $(LC_ALL=C ldd "$busybox" 2>&1 || true) == *"not a dynamic executable"* ]] ||
 		die "$busybox is dynamically linked; the initramfs needs busybox-static (apt-get install busybox-static)"
-	mods=$(resolve_modules "$series")
+	# inputs: the kernel, /init, busybox, this file (which has INITRD_MODULES)
 	stamp=$( {
 		cat "$kd/kver"
 		sha256sum "$VM_DIR/lib/init" "$busybox" "${BASH_SOURCE[0]}"
-		echo "$mods"
 	} | sha256sum | cut -d' ' -f1)
 	if [[ -f $kd/initrd.cpio && -f $kd/initrd.stamp && $(cat "$kd/initrd.stamp") == "$stamp" ]]; then
 		return 0
 	fi
+	mods=$(resolve_modules "$series")
 	log "kernel $series: building initramfs"
 	local work="$kd/initrd.work" rel args name n=0
 	rm -rf "$work"

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Runs the lib/dm-cases.sh cases with the userdm CLI and compares them with dmsetup's, same boot.
+# vm-timeout: 1800
+# Both sides are normalized (device numbers, library version) before the
+# comparison; each mismatching case is shown as a unified diff (dmsetup's
+# output is the "-" side).  Skipped (exit 77) while there is no userdm binary.
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/../lib/dm-cases.sh
+. "$USERDM_REPO/tests/vm/lib/dm-cases.sh"
+
+if [[ -z ${USERDM_BIN:-} || ! -x ${USERDM_BIN:-} ]]; then
+	echo "skipped: no userdm binary (build it with cargo build --release -p userdm, or set USERDM_BIN)"
+	exit 77
+fi
+command -v dmsetup >/dev/null || {
+	echo "skipped: dmsetup not installed on the host (apt-get install dmsetup)"
+	exit 77
+}
+out=$VM_OUT/userdm-conformance
+trap dm_cases_cleanup EXIT
+dm_cases_prepare
+echo "== oracle: dmsetup on the kernel's device-mapper"
+dm_cases_run dmsetup "$out/dmsetup" >/dev/null
+echo "== userdm: $USERDM_BIN"
+dm_cases_run "$USERDM_BIN" "$out/userdm" >/dev/null
+
+pass=0 fail=0 failed=()
+for f in "$out/dmsetup/norm/"*.txt; do
+	name=$(basename "$f" .txt)
+	if diff -u --label "dmsetup/$name" --label "userdm/$name" "$f" "$out/userdm/norm/$name.txt" >"$out/$name.diff"; then
+		pass=$((pass + 1))
+		rm -f "$out/$name.diff"
+	else
+		fail=$((fail + 1))
+		failed+=("$name")
+		cat "$out/$name.diff"
+	fi
+done
+echo "conformance: $pass cases match, $fail differ${failed[*]:+: ${failed[*]}}"
+[[ $fail -eq 0 ]]
