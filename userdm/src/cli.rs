@@ -472,6 +472,12 @@ pub struct LsArgs {
     /// Show devices with their dependencies as a tree.
     #[arg(long)]
     pub tree: bool,
+
+    /// `blkdevname` or `devname`: show devices by kernel name instead of number. With --tree,
+    /// dmsetup's drawing options (ascii, utf, vt100, compact, inverted, notrunc, device,
+    /// active, open, rw, uuid) are accepted; the drawing is always ASCII.
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+    pub options: Option<String>,
 }
 
 /// `info`.
@@ -495,6 +501,10 @@ pub struct InfoArgs {
     #[arg(long, value_name = "SEP")]
     pub separator: Option<String>,
 
+    /// With --columns: sort by these fields (comma-separated; `-F` sorts descending).
+    #[arg(short = 'O', long, value_name = "FIELDS", allow_hyphen_values = true)]
+    pub sort: Option<String>,
+
     /// The devices (default: all).
     #[arg(value_name = "NAME")]
     pub names: Vec<String>,
@@ -503,6 +513,10 @@ pub struct InfoArgs {
 /// `table`, `status`, `deps`.
 #[derive(Debug, Args)]
 pub struct QueryArgs {
+    /// deps only: `blkdevname` or `devname` shows devices by kernel name instead of number.
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+    pub options: Option<String>,
+
     /// Only rows of this target type.
     #[arg(long, value_name = "TYPE")]
     pub target: Option<String>,

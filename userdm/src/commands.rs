@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::Clear(a) => s.simple(&a.name, Command::Clear),
         Verb::Rename(a) => s.rename(&a.name, &a.new, a.setuuid),
         Verb::Message(a) => s.message(&a.name, a.sector, a.words),
-        Verb::Ls(a) => s.ls(a.target.as_deref(), a.tree),
+        Verb::Ls(a) => s.ls(a.target.as_deref(), a.tree, a.options.as_deref()),
         Verb::Info(a) => s.info(&a),
         Verb::Deps(a) => s.deps(&a),
         Verb::Status(a) => s.rows(&a, true),
@@ -298,7 +298,8 @@ impl Session {
         Ok(())
     }
 
-    fn ls(&self, target: Option<&str>, tree: bool) -> Result<()> {
+    fn ls(&self, target: Option<&str>, tree: bool, options: Option<&str>) -> Result<()> {
+        let names = dev_names(options, tree)?;
         let devices = self.all(None)?;
         if tree {
             let mut with_deps = Vec::new();
@@ -357,11 +358,11 @@ impl Session {
                 .collect();
             return print_json(&v);
         }
-        print(&text.unwrap_or_else(|| output::ls(&shown)))
+        print(&text.unwrap_or_else(|| output::ls(&shown, names)))
     }
 
     fn info(&self, a: &InfoArgs) -> Result<()> {
-        let columns = a.columns || a.options.is_some() || a.separator.is_some();
+        let columns = a.columns || a.options.is_some() || a.separator.is_some() || a.sort.is_some();
         let fields = output::fields(a.options.as_deref()).map_err(UsageError)?;
         let collect = self.json || columns;
         let mut reports: Vec<DeviceReport> = Vec::new();
@@ -378,6 +379,9 @@ impl Session {
         }
         if count == 0 {
             return print("No devices found\n");
+        }
+        if let Some(spec) = &a.sort {
+            output::sort_reports(&mut reports, spec).map_err(UsageError)?;
         }
         if columns {
             return print(&output::info_report(
@@ -410,6 +414,10 @@ impl Session {
     }
 
     fn rows(&self, a: &QueryArgs, status: bool) -> Result<()> {
+        if a.options.is_some() {
+            let verb = if status { "status" } else { "table" };
+            return Err(UsageError(format!("{verb} takes no -o/--options")).into());
+        }
         let multiple = a.names.len() != 1;
         #[derive(Serialize)]
         struct Entry {
@@ -444,6 +452,7 @@ impl Session {
     }
 
     fn deps(&self, a: &QueryArgs) -> Result<()> {
+        let names = dev_names(a.options.as_deref(), false)?;
         let multiple = a.names.len() != 1;
         #[derive(Serialize)]
         struct Entry {
@@ -461,7 +470,7 @@ impl Session {
                 Ok(())
             } else {
                 let name = multiple.then_some(d.info.name.as_str());
-                print(&output::deps(name, &deps))
+                print(&output::deps(name, &deps, names))
             }
         })?;
         if self.json {
@@ -539,4 +548,47 @@ impl Session {
             &format!("{VERSION} (userdm, control protocol {PROTOCOL_VERSION})"),
         ))
     }
+}
+
+/// How `-o` of `ls` and `deps` names devices: `blkdevname` by kernel name (`loop0`, `dm-3`),
+/// `devname` by device-mapper name where there is one, else as numbers. `ls --tree` also takes
+/// dmsetup's drawing options, which change nothing here.
+fn dev_names(options: Option<&str>, tree: bool) -> Result<output::DevNames<'static>> {
+    const TREE: [&str; 11] = [
+        "ascii", "utf", "vt100", "compact", "inverted", "notrunc", "device", "active", "open",
+        "rw", "uuid",
+    ];
+    let mut names: output::DevNames<'static> = &output::numbers;
+    for option in options.unwrap_or("").split(',').filter(|o| !o.is_empty()) {
+        match option {
+            "blkdevname" => names = &kernel_name,
+            "devname" => names = &mapped_name,
+            "devno" => names = &output::numbers,
+            o if tree && TREE.contains(&o) => {}
+            o => return Err(UsageError(format!("unknown option '{o}' for -o")).into()),
+        }
+    }
+    Ok(names)
+}
+
+/// The kernel's name of a block device (`/sys/dev/block/MAJ:MIN` links to it). Major 0 (no
+/// kernel device) has none.
+fn kernel_name(major: u32, minor: u32) -> Option<String> {
+    if major == 0 {
+        return None;
+    }
+    let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    Some(link.file_name()?.to_str()?.to_string())
+}
+
+/// A kernel device-mapper device's name, else the kernel's name.
+fn mapped_name(major: u32, minor: u32) -> Option<String> {
+    if major == 0 {
+        return None;
+    }
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/name"))
+        .ok()
+        .map(|n| n.trim_end().to_string())
+        .filter(|n| !n.is_empty())
+        .or_else(|| kernel_name(major, minor))
 }

@@ -198,6 +198,37 @@ pub fn fields(spec: Option<&str>) -> Result<Vec<Field>, String> {
         .collect()
 }
 
+/// Sorts reports for `info -c --sort`: comma-separated fields, each ascending, or descending
+/// when prefixed `-`; numbers compare as numbers. `Err` names an unknown field.
+pub fn sort_reports(reports: &mut [DeviceReport], spec: &str) -> Result<(), String> {
+    let mut keys = Vec::new();
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let (descending, id) = match item.strip_prefix('-') {
+            Some(id) => (true, id),
+            None => (false, item.strip_prefix('+').unwrap_or(item)),
+        };
+        let field = fields(Some(id))?
+            .pop()
+            .ok_or_else(|| format!("empty sort field in '{spec}'"))?;
+        keys.push((field, descending));
+    }
+    reports.sort_by(|a, b| {
+        for (field, descending) in &keys {
+            let (va, vb) = ((field.value)(a), (field.value)(b));
+            let order = match (field.right, va.parse::<i64>(), vb.parse::<i64>()) {
+                (true, Ok(x), Ok(y)) => x.cmp(&y),
+                _ => va.cmp(&vb),
+            };
+            let order = if *descending { order.reverse() } else { order };
+            if order.is_ne() {
+                return order;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+    Ok(())
+}
+
 /// `dmsetup info -c`: one line per device.
 ///
 /// As libdm's buffered report: aligned (no `--separator`), each column is as wide as the widest
@@ -267,14 +298,28 @@ pub fn info_columns(reports: &[DeviceReport], headings: bool) -> String {
 }
 
 /// `dmsetup ls`: `NAME\t(MAJOR:MINOR)` per device, or `No devices found`.
-pub fn ls(reports: &[DeviceReport]) -> String {
+///
+/// With `-o blkdevname` or `-o devname`, `names` turns a device number into the name shown
+/// instead, `NAME\t(DEVNAME)`; a number it cannot name is shown as a number.
+pub fn ls(reports: &[DeviceReport], names: DevNames<'_>) -> String {
     if reports.is_empty() {
         return "No devices found\n".to_string();
     }
     reports
         .iter()
-        .map(|r| format!("{}\t({}:{})\n", r.name, r.major, r.minor))
+        .map(|r| match names(r.major, r.minor) {
+            Some(dev) => format!("{}\t({dev})\n", r.name),
+            None => format!("{}\t({}:{})\n", r.name, r.major, r.minor),
+        })
         .collect()
+}
+
+/// Names a device number (`-o blkdevname`/`devname`), or `None` to show the number.
+pub type DevNames<'a> = &'a dyn Fn(u32, u32) -> Option<String>;
+
+/// Shows device numbers as numbers.
+pub fn numbers(_: u32, _: u32) -> Option<String> {
+    None
 }
 
 /// `dmsetup ls --target T`: `NAME\t(MAJOR, MINOR)` per device with a row of type T
@@ -323,12 +368,19 @@ pub fn rows(name: Option<&str>, rows: &[RowReport], target: Option<&str>) -> Str
 }
 
 /// `dmsetup deps`: `N dependencies\t: (MAJ, MIN) ...`, prefixed `NAME: ` when several devices
-/// are listed.
-pub fn deps(name: Option<&str>, deps: &[DepReport]) -> String {
+/// are listed; with `-o blkdevname`/`devname`, ` (NAME)` for each device `names` can name.
+pub fn deps(name: Option<&str>, deps: &[DepReport], names: DevNames<'_>) -> String {
     let mut s = name.map(|n| format!("{n}: ")).unwrap_or_default();
     let _ = write!(s, "{} dependencies\t:", deps.len());
     for d in deps {
-        let _ = write!(s, " ({}, {})", d.major, d.minor);
+        match names(d.major, d.minor) {
+            Some(dev) => {
+                let _ = write!(s, " ({dev})");
+            }
+            None => {
+                let _ = write!(s, " ({}, {})", d.major, d.minor);
+            }
+        }
     }
     s.push('\n');
     s
@@ -563,6 +615,18 @@ t3               254   3 ---w    0    0      0                                 \
         let plus = fields(Some("+devno")).unwrap();
         assert_eq!(plus.len(), 9);
         assert_eq!(plus[8].id, "devno");
+        let mut rs = vec![report("b", 2), report("a", 10), report("c", 1)];
+        sort_reports(&mut rs, "minor").unwrap();
+        assert_eq!(
+            rs.iter().map(|r| r.minor).collect::<Vec<_>>(),
+            vec![1, 2, 10]
+        );
+        sort_reports(&mut rs, "-name").unwrap();
+        assert_eq!(
+            rs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            vec!["c", "b", "a"]
+        );
+        assert!(sort_reports(&mut rs, "nope").is_err());
         let e = fields(Some("name,bogus")).unwrap_err();
         assert!(
             e.starts_with("unrecognised field: bogus (fields: name,major,"),
@@ -579,10 +643,10 @@ t3               254   3 ---w    0    0      0                                 \
             report("t3", 3),
         ];
         assert_eq!(
-            ls(&all),
+            ls(&all, &numbers),
             "t0\t(254:0)\nt1\t(254:1)\nt2\t(254:2)\nt3\t(254:3)\n"
         );
-        assert_eq!(ls(&[]), "No devices found\n");
+        assert_eq!(ls(&[], &numbers), "No devices found\n");
         let with_rows = vec![
             (report("t0", 0), t0_rows()),
             (report("t1", 1), vec![row(0, 8192, "delay", "7:0 0 50")]),
@@ -665,10 +729,19 @@ t3               254   3 ---w    0    0      0                                 \
             path: String::new(),
         };
         assert_eq!(
-            deps(None, &[d(7, 1), d(7, 0)]),
+            deps(None, &[d(7, 1), d(7, 0)], &numbers),
             "2 dependencies\t: (7, 1) (7, 0)\n"
         );
-        assert_eq!(deps(Some("t3"), &[]), "t3: 0 dependencies\t:\n");
+        assert_eq!(deps(Some("t3"), &[], &numbers), "t3: 0 dependencies\t:\n");
+        let loops = |major, minor| (major == 7).then(|| format!("loop{minor}"));
+        assert_eq!(
+            deps(None, &[d(7, 1), d(0, 0)], &loops),
+            "2 dependencies\t: (loop1) (0, 0)\n"
+        );
+        assert_eq!(
+            ls(&[report("t0", 0)], &|_, _| Some("dm-0".into())),
+            "t0\t(dm-0)\n"
+        );
     }
 
     #[test]

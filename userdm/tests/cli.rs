@@ -1017,3 +1017,91 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// `-o` of ls and deps, and --sort of info -c; deps of a real block device (a loop device,
+/// when one can be attached) by number and by name.
+#[test]
+fn name_options_and_sorting() {
+    let env = Env::new();
+    env.ok(&["create", "b", "--table", "0 8 zero"]);
+    env.ok(&["create", "a", "--table", "0 8 zero"]);
+    // Without a kernel device, names fall back to numbers, as dmsetup's do.
+    assert_eq!(env.ok(&["ls", "-o", "blkdevname"]), "a\t(0:1)\nb\t(0:0)\n");
+    assert_eq!(
+        env.ok(&["ls", "--tree", "-o", "ascii"]),
+        "a (0:1)\nb (0:0)\n"
+    );
+    env.fails(&["ls", "-o", "ascii"], 2);
+    env.fails(&["table", "-o", "devname"], 2);
+    assert_eq!(
+        env.ok(&[
+            "info",
+            "-c",
+            "--noheadings",
+            "-o",
+            "name",
+            "--sort",
+            "-minor"
+        ]),
+        "a               \nb               \n"
+    );
+    assert_eq!(
+        env.ok(&[
+            "info",
+            "-c",
+            "--noheadings",
+            "-o",
+            "name",
+            "--sort",
+            "minor"
+        ]),
+        "b               \na               \n"
+    );
+    let img = env.file("loop.img", 4);
+    let Ok(out) = Command::new("losetup")
+        .args(["-f", "--show", &img])
+        .output()
+    else {
+        eprintln!("skipped the loop device part: no losetup");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!(
+            "skipped the loop device part: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let kname = dev.trim_start_matches("/dev/").to_string();
+    let minor: u32 = kname.trim_start_matches("loop").parse().unwrap();
+    env.ok(&["create", "l", "--table", &format!("0 8192 linear {dev} 0")]);
+    assert_eq!(
+        env.ok(&["table", "l"]),
+        format!("0 8192 linear 7:{minor} 0\n")
+    );
+    assert_eq!(
+        env.ok(&["deps", "l"]),
+        format!("1 dependencies\t: (7, {minor})\n")
+    );
+    assert_eq!(
+        env.ok(&["deps", "-o", "blkdevname", "l"]),
+        format!("1 dependencies\t: ({kname})\n")
+    );
+    assert_eq!(
+        env.ok(&["deps", "-o", "devname", "l"]),
+        format!("1 dependencies\t: ({kname})\n")
+    );
+    assert_eq!(
+        env.ok(&["ls", "--tree"]),
+        format!("a (0:1)\nb (0:0)\nl (0:2)\n `- (7:{minor})\n")
+    );
+    env.ok(&["remove", "l"]);
+}
