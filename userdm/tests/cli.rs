@@ -1105,3 +1105,69 @@ fn name_options_and_sorting() {
     );
     env.ok(&["remove", "l"]);
 }
+
+/// An NBD client counts as an opener: removal is refused while it is connected, and a deferred
+/// removal completes when it disconnects.
+#[test]
+fn nbd_clients_hold_the_device_open() {
+    // libnbd's Python binding, from the system's Python (nbdsh would pick whatever python3 is
+    // first in PATH).
+    let python = "/usr/bin/python3";
+    let has_binding = Command::new(python)
+        .args(["-c", "import nbd"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_binding {
+        eprintln!("skipped: python3-libnbd is not installed");
+        return;
+    }
+    let env = Env::new();
+    let sock = env.path("h0.sock");
+    env.ok(&[
+        "create",
+        "h0",
+        "--table",
+        "0 2048 memory",
+        "--export",
+        &format!("nbd:unix:{}", sock.display()),
+    ]);
+    let uri = format!("nbd+unix:///h0?socket={}", sock.display());
+    // The client writes, then stays connected until its standard input closes.
+    let script = "import nbd, sys\n\
+                  h = nbd.NBD()\n\
+                  h.connect_uri(sys.argv[1])\n\
+                  h.pwrite(b'x' * 512, 0)\n\
+                  h.flush()\n\
+                  print('connected', flush=True)\n\
+                  sys.stdin.read()\n\
+                  h.shutdown()\n";
+    let mut client = Command::new(python)
+        .args(["-c", script, &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "connected\n");
+    assert!(env.ok(&["info", "h0"]).contains("\nOpen count:        1\n"));
+    let e = env.fails(&["remove", "h0"], 1);
+    assert!(e.contains("device h0 is busy: open count 1"), "{e}");
+    env.ok(&["remove", "--deferred", "h0"]);
+    assert!(env.ok(&["info", "h0"]).contains("(DEFERRED REMOVE)"));
+    drop(client.stdin.take());
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("the deferred removal", || {
+        env.ok(&["ls"]) == "No devices found\n"
+    });
+    assert!(!sock.exists());
+}
