@@ -31,11 +31,16 @@
 //!   only for uid 0 and the server's own uid (the server opens a table's files with its own
 //!   rights, so an owner could otherwise export any file root can read); every other command
 //!   also for the owner uid given at create.
-//! - **The server process** owns an `Arc<Device<T>>`, answers control requests on its main
-//!   thread (a `wait` or an `open` continues on a thread of its own, since it blocks), and
-//!   runs its exports on their own threads. `remove` with the device closed stops the exports,
-//!   deletes the run directory, answers, and exits 0; a deferred removal completes at the last
-//!   close, which an export reports through [`DeviceHandle::close`].
+//! - **The server process** owns an `Arc<Device<T>>` and executes control requests on its
+//!   main thread, one at a time, as the kernel serialises ioctls on a device. An acceptor
+//!   thread reads each connection's request line on a short-lived thread of its own (so a
+//!   client that connects and says nothing holds up nobody) and hands it over; a `wait` or an
+//!   `open` continues on a thread of its own, since it blocks. Exports run on their own
+//!   threads (an NBD connection is one thread with its own `Reactor`, calling
+//!   `Device::io`). `remove` with the device closed stops the exports, deletes the run
+//!   directory, answers, and exits 0; a deferred removal completes at the last close, which an
+//!   export reports through [`DeviceHandle::close`]. A table's relative paths resolve against
+//!   the client's working directory, which `create` and `load` send along.
 //! - **Device numbers.** A device with no kernel block device reports major 0 and minor = its
 //!   id: no kernel device exists, and 0 is the major Linux reserves for "unnamed" devices, so no
 //!   real block device can be mistaken for it. An export that creates a kernel device (ublk)

@@ -221,7 +221,11 @@ impl RunDir {
         Err(ControlError::Launch("no free device id".into()))
     }
 
-    /// Probes every device directory, removing those whose servers are gone.
+    /// Probes every device directory, removing those whose servers are gone. A server that
+    /// exists but does not answer is skipped with a warning.
+    ///
+    /// `lock`: the global lock if the caller holds it (removing a stale directory needs it;
+    /// taking it a second time from the same process would deadlock).
     pub fn scan(&self, lock: Option<&RunLock>) -> Result<Scan, ControlError> {
         let mut scan = Scan::default();
         for dir in self.device_dirs()? {
@@ -238,7 +242,8 @@ impl RunDir {
         Ok(scan)
     }
 
-    /// Finds the device called `name`, removing stale directories met on the way.
+    /// Finds the device called `name`, removing stale directories met on the way. `lock` as
+    /// for [`RunDir::scan`].
     pub fn find(
         &self,
         name: &str,
