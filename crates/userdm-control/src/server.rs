@@ -423,8 +423,9 @@ impl<T: Target + 'static> Server<T> {
                 let seen = event_nr.unwrap_or_else(|| device.event_nr());
                 let timeout = timeout_ms.map(Duration::from_millis);
                 std::thread::spawn(move || {
-                    let nr = device.wait_event(seen, timeout);
-                    respond(&stream, Response::ok(Reply::Event { event_nr: nr }));
+                    if let Some(nr) = wait_for_client(&device, seen, timeout, &stream) {
+                        respond(&stream, Response::ok(Reply::Event { event_nr: nr }));
+                    }
                 });
                 return Flow::Continue;
             }
@@ -754,6 +755,50 @@ fn bind_control_socket(
     std::fs::rename(&tmp, &path)
         .map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// How often a `wait` looks whether its client is still there.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+/// Waits for the event number to differ from `seen` (or `timeout`), giving up when the client
+/// hangs up, so that abandoned waits (`timeout 3 userdm wait t0`) do not pile up threads.
+/// `None` when the client is gone.
+fn wait_for_client<T: Target>(
+    device: &Device<T>,
+    seen: u32,
+    timeout: Option<Duration>,
+    stream: &UnixStream,
+) -> Option<u32> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let slice = match deadline {
+            Some(d) => d
+                .saturating_duration_since(std::time::Instant::now())
+                .min(WAIT_POLL),
+            None => WAIT_POLL,
+        };
+        let nr = device.wait_event(seen, Some(slice));
+        if nr != seen
+            || device.is_removed()
+            || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Some(nr);
+        }
+        if client_gone(stream) {
+            return None;
+        }
+    }
+}
+
+/// Whether the peer closed its end (a client sends nothing after its request line).
+fn client_gone(stream: &UnixStream) -> bool {
+    use rustix::net::RecvFlags;
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((_, 0)) => true,
+        Ok(_) => false,
+        Err(e) => e != rustix::io::Errno::AGAIN && e != rustix::io::Errno::INTR,
+    }
 }
 
 fn respond(stream: &UnixStream, response: Response) {

@@ -320,6 +320,14 @@ fn table_events_wake_waiters() {
     )
     .unwrap();
     assert_eq!(timed_out, Reply::Event { event_nr: 1 });
+    // An abandoned wait ends with its client: the next event finds nobody to answer.
+    let abandoned = UnixStream::connect(&s.socket).unwrap();
+    std::io::Write::write_all(
+        &mut &abandoned,
+        b"{\"version\":1,\"command\":{\"op\":\"wait\"}}\n",
+    )
+    .unwrap();
+    drop(abandoned);
     let e = call(
         &s.socket,
         "d",
