@@ -31,11 +31,13 @@
 //!   only for uid 0 and the server's own uid (the server opens a table's files with its own
 //!   rights, so an owner could otherwise export any file root can read); every other command
 //!   also for the owner uid given at create.
-//! - **The server process** owns an `Arc<Device<T>>` and executes control requests on its
-//!   main thread, one at a time, as the kernel serialises ioctls on a device. An acceptor
-//!   thread reads each connection's request line on a short-lived thread of its own (so a
-//!   client that connects and says nothing holds up nobody) and hands it over; a `wait` or an
-//!   `open` continues on a thread of its own, since it blocks. Exports run on their own
+//! - **The server process** owns an `Arc<Device<T>>` and executes commands that change the
+//!   device on its main thread, one at a time, as the kernel serialises ioctls on a device. An
+//!   acceptor thread reads each connection's request line on a short-lived thread of its own
+//!   (so a client that connects and says nothing holds up nobody); that thread answers the
+//!   read-only queries itself (so `ls` stays quick while a suspend drains IO) and hands every
+//!   other command to the main thread. A `wait` blocks on its own thread, an `open` holds one
+//!   for as long as its connection lasts. Exports run on their own
 //!   threads (an NBD connection is one thread with its own `Reactor`, calling
 //!   `Device::io`). `remove` with the device closed stops the exports, deletes the run
 //!   directory, answers, and exits 0; a deferred removal completes at the last close, which an

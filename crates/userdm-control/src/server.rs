@@ -234,7 +234,8 @@ impl<T: Target + 'static> Server<T> {
         let acceptor = match self.listener.try_clone() {
             Ok(listener) => {
                 let exit = self.exit.clone();
-                std::thread::spawn(move || accept_loop(&listener, &exit, &tx))
+                let queries = Arc::new(self.queries());
+                std::thread::spawn(move || accept_loop(&listener, &exit, &tx, &queries))
             }
             Err(e) => {
                 eprintln!("userdm server: cannot start the acceptor: {e}");
@@ -555,61 +556,6 @@ impl<T: Target + 'static> Server<T> {
         self.device.resume().map_err(device_error)
     }
 
-    fn rows(&self, inactive: bool, status: bool) -> Vec<RowReport> {
-        let table = if inactive {
-            self.device.inactive_table()
-        } else {
-            self.device.live_table()
-        };
-        let Some(table) = table else {
-            return Vec::new();
-        };
-        table
-            .rows()
-            .iter()
-            .map(|r| RowReport {
-                start: r.start,
-                length: r.len,
-                target_type: r.target.type_name().to_string(),
-                params: if status {
-                    r.target.status()
-                } else {
-                    r.target.table_params()
-                },
-            })
-            .collect()
-    }
-
-    /// Dependencies in the kernel's order: `dm_get_device` adds each new device at the head
-    /// of the table's list, so the device named last comes first.
-    fn deps(&self, inactive: bool) -> Vec<DepReport> {
-        let table = if inactive {
-            self.device.inactive_table()
-        } else {
-            self.device.live_table()
-        };
-        let Some(table) = table else {
-            return Vec::new();
-        };
-        let mut deps: Vec<DepReport> = Vec::new();
-        for row in table.rows() {
-            for d in row.target.deps() {
-                if !deps
-                    .iter()
-                    .any(|e| (e.major, e.minor, &e.path) == (d.major, d.minor, &d.path))
-                {
-                    deps.push(DepReport {
-                        major: d.major,
-                        minor: d.minor,
-                        path: d.path,
-                    });
-                }
-            }
-        }
-        deps.reverse();
-        deps
-    }
-
     /// Counts the connection as an opener until the client closes it.
     fn hold_open(&self, stream: UnixStream) {
         let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
@@ -627,12 +573,83 @@ impl<T: Target + 'static> Server<T> {
 
     /// The device's facts, as `info` reports them.
     pub fn report(&self) -> DeviceReport {
+        self.queries().report()
+    }
+
+    /// What request threads need to answer queries without the main thread.
+    fn queries(&self) -> Queries<T> {
+        Queries {
+            device: self.device.clone(),
+            device_number: self
+                .exports
+                .iter()
+                .find_map(|e| e.device_number())
+                .unwrap_or((0, self.dir.id())),
+            exports: self.export_specs.clone(),
+            owner_uid: self.owner_uid,
+        }
+    }
+
+    fn rows(&self, inactive: bool, status: bool) -> Vec<RowReport> {
+        rows(&self.device, inactive, status)
+    }
+
+    fn deps(&self, inactive: bool) -> Vec<DepReport> {
+        deps(&self.device, inactive)
+    }
+}
+
+/// Answers the read-only queries (`info`, `table`, `status`, `deps`, `wait`) on the request's
+/// own thread: they only read the device, so they never wait behind a suspend that is draining
+/// IO on the main thread (`ls` stays quick while a device suspends).
+struct Queries<T> {
+    device: Arc<Device<T>>,
+    device_number: (u32, u32),
+    exports: Vec<String>,
+    owner_uid: Option<u32>,
+}
+
+impl<T: Target + 'static> Queries<T> {
+    /// Answers `value` if it is a well-formed query; `false` leaves it to the main thread.
+    fn answer(&self, stream: &UnixStream, value: &serde_json::Value) -> bool {
+        if version_of(value) != Some(PROTOCOL_VERSION) {
+            return false;
+        }
+        let Ok(request) = decode::<Request>(value.clone()) else {
+            return false;
+        };
+        let reply = match request.command {
+            Command::Info => Reply::Info(self.report()),
+            Command::Table { inactive } => Reply::Rows {
+                rows: rows(&self.device, inactive, false),
+            },
+            Command::Status { inactive } => Reply::Rows {
+                rows: rows(&self.device, inactive, true),
+            },
+            Command::Deps { inactive } => Reply::Deps {
+                deps: deps(&self.device, inactive),
+            },
+            Command::Wait {
+                event_nr,
+                timeout_ms,
+            } => {
+                let seen = event_nr.unwrap_or_else(|| self.device.event_nr());
+                let timeout = timeout_ms.map(Duration::from_millis);
+                let _ = stream.set_write_timeout(Some(REQUEST_READ_TIMEOUT));
+                match wait_for_client(&self.device, seen, timeout, stream) {
+                    Some(event_nr) => Reply::Event { event_nr },
+                    None => return true,
+                }
+            }
+            _ => return false,
+        };
+        respond(stream, Response::ok(reply));
+        true
+    }
+
+    fn report(&self) -> DeviceReport {
         let info = self.device.info();
-        let (major, minor) = self
-            .exports
-            .iter()
-            .find_map(|e| e.device_number())
-            .unwrap_or((0, self.dir.id()));
+        let (major, minor) = self.device_number;
         DeviceReport {
             name: info.name,
             uuid: info.uuid,
@@ -647,10 +664,10 @@ impl<T: Target + 'static> Server<T> {
             size_sectors: info.size_sectors,
             major,
             minor,
-            read_ahead: read_ahead_sectors(&self.rows(false, false)),
+            read_ahead: read_ahead_sectors(&rows(&self.device, false, false)),
             pid: std::process::id(),
             owner_uid: self.owner_uid,
-            exports: self.export_specs.clone(),
+            exports: self.exports.clone(),
             io: {
                 let io = self.device.io_stats();
                 IoStatsReport {
@@ -673,6 +690,61 @@ impl<T: Target + 'static> Server<T> {
     }
 }
 
+fn rows<T: Target>(device: &Device<T>, inactive: bool, status: bool) -> Vec<RowReport> {
+    let table = if inactive {
+        device.inactive_table()
+    } else {
+        device.live_table()
+    };
+    let Some(table) = table else {
+        return Vec::new();
+    };
+    table
+        .rows()
+        .iter()
+        .map(|r| RowReport {
+            start: r.start,
+            length: r.len,
+            target_type: r.target.type_name().to_string(),
+            params: if status {
+                r.target.status()
+            } else {
+                r.target.table_params()
+            },
+        })
+        .collect()
+}
+
+/// Dependencies in the kernel's order: `dm_get_device` adds each new device at the head
+/// of the table's list, so the device named last comes first.
+fn deps<T: Target>(device: &Device<T>, inactive: bool) -> Vec<DepReport> {
+    let table = if inactive {
+        device.inactive_table()
+    } else {
+        device.live_table()
+    };
+    let Some(table) = table else {
+        return Vec::new();
+    };
+    let mut deps: Vec<DepReport> = Vec::new();
+    for row in table.rows() {
+        for d in row.target.deps() {
+            if !deps
+                .iter()
+                .any(|e| (e.major, e.minor, &e.path) == (d.major, d.minor, &d.path))
+            {
+                deps.push(DepReport {
+                    major: d.major,
+                    minor: d.minor,
+                    path: d.path,
+                });
+            }
+        }
+    }
+    deps.reverse();
+    deps
+}
+
 /// What the acceptor hands the main thread.
 enum Incoming {
     /// A request line, read (or failed to read) from `stream`.
@@ -686,7 +758,12 @@ enum Incoming {
 }
 
 /// Accepts connections, reads each one's request on a thread of its own and passes it on.
-fn accept_loop(listener: &UnixListener, exit: &ExitSignal, tx: &mpsc::Sender<Incoming>) {
+fn accept_loop<T: Target + 'static>(
+    listener: &UnixListener,
+    exit: &ExitSignal,
+    tx: &mpsc::Sender<Incoming>,
+    queries: &Arc<Queries<T>>,
+) {
     let mut failures = 0u32;
     loop {
         let accepted = listener.accept();
@@ -708,6 +785,7 @@ fn accept_loop(listener: &UnixListener, exit: &ExitSignal, tx: &mpsc::Sender<Inc
             }
         };
         let tx = tx.clone();
+        let queries = queries.clone();
         let spawned = std::thread::Builder::new()
             .name("userdm-request".into())
             .spawn(move || {
@@ -717,7 +795,12 @@ fn accept_loop(listener: &UnixListener, exit: &ExitSignal, tx: &mpsc::Sender<Inc
                     .ok()
                     .map(|c| c.uid.as_raw());
                 let value = match read_value(BufReader::new(&stream)) {
-                    Ok(Some(v)) => Ok(v),
+                    Ok(Some(v)) => {
+                        if queries.answer(&stream, &v) {
+                            return;
+                        }
+                        Ok(v)
+                    }
                     // A probe or a wake-up connection.
                     Ok(None) => return,
                     Err(e) => Err(e),
