@@ -6,7 +6,7 @@ use anyhow::Result;
 use userdm_control::proto::CreateConfig;
 use userdm_control::rundir::RunDir;
 use userdm_control::server::{detach, serve as serve_device, TableEvents};
-use userdm_targets::{AnyTarget, TargetContext};
+use userdm_targets::{AnyTarget, TargetContext, UserTargetContext};
 
 use crate::cli::ServeArgs;
 
@@ -15,8 +15,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     detach();
     let run = RunDir::new(args.run_dir);
     let make_ctx = |config: &CreateConfig, events: TableEvents| {
+        // dm-user endpoints belong to the device's owner, so the daemon can run as that user.
+        let mut user = UserTargetContext::default().with_device(config.name.clone());
+        if let Some(uid) = config.uid {
+            user = user.with_owner(uid, config.gid.unwrap_or(uid));
+        }
         TargetContext::new()
             .with_read_only(config.read_only)
+            .with_user(user)
             .with_event_hook(Arc::new(move || events.raise()))
     };
     let exports = crate::exports::Exports;

@@ -105,7 +105,9 @@ pub struct Device<T> {
 }
 
 impl<T: Target> Device<T> {
-    /// A new device: suspended, no tables, as `DM_DEV_CREATE` leaves it.
+    /// A new device: no tables, not suspended, as `DM_DEV_CREATE` leaves it (dmsetup shows a
+    /// `--notable` device as ACTIVE with `Tables present: None`). IO fails until a table is
+    /// loaded and resumed, because the device's size is zero.
     pub fn new(name: &str, uuid: Option<&str>, read_only: bool) -> Result<Device<T>, DeviceError> {
         check_name(name)?;
         if let Some(u) = uuid {
@@ -122,7 +124,7 @@ impl<T: Target> Device<T> {
                 geometry: None,
             }),
             live: RwLock::new(None),
-            gate: Gate::new_suspended(),
+            gate: Gate::new_open(),
             event_nr: Mutex::new(0),
             event_cv: Condvar::new(),
             open_count: AtomicI32::new(0),
@@ -204,6 +206,10 @@ impl<T: Target> Device<T> {
     pub fn resume(&self) -> Result<(), DeviceError> {
         let _l = self.lifecycle.lock();
         let inactive = self.meta.lock().inactive.take();
+        if inactive.is_none() && self.gate.is_suspended() && self.live.read().is_none() {
+            // The kernel's dm_resume refuses a suspended device with nothing to serve.
+            return Err(DeviceError::NoLiveTable(self.name()));
+        }
         if let Some(new) = inactive {
             if let Err(e) = self.suspend_locked(false, None) {
                 self.meta.lock().inactive = Some(new);

@@ -18,10 +18,10 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// A gate that starts suspended, as a new device does.
-    pub fn new_suspended() -> Gate {
+    /// A gate that starts open.
+    pub fn new_open() -> Gate {
         Gate {
-            suspended: AtomicBool::new(true),
+            suspended: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             resumed: Notify::with_capacity(256),
             drained_lock: Mutex::new(()),

@@ -127,10 +127,22 @@ fn hdr(op: IoOp, sector: u64, sectors: u64) -> IoHeader {
 }
 
 #[test]
-fn new_device_is_suspended_without_tables() {
+fn new_device_is_active_without_tables() {
     let d = dev("a");
     let i = d.info();
-    assert!(i.suspended && !i.live_table && !i.inactive_table);
+    assert!(!i.suspended && !i.live_table && !i.inactive_table);
+    let rt = Reactor::new(8).unwrap();
+    let mut buf = vec![0u8; 512];
+    assert_eq!(
+        rt.block_on(d.io(&rt, hdr(IoOp::Read, 0, 1), &mut buf)),
+        Err(Errno::EIO)
+    );
+    d.resume().unwrap();
+    d.suspend(false, None).unwrap();
+    assert!(
+        matches!(d.resume(), Err(DeviceError::NoLiveTable(_))),
+        "as the kernel: EINVAL"
+    );
     assert_eq!((i.event_nr, i.open_count, i.target_count), (0, 0, 0));
 }
 
