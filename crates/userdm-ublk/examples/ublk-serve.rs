@@ -19,8 +19,12 @@
 //! ```
 //!
 //! SIGUSR1 re-reads the backing file's size and tells the kernel (UPDATE_SIZE).
+//! On SIGTERM the server prints how many heap allocations the whole process made while the
+//! device was live ("allocations while serving: N"): with the null backend that is the
+//! frontend's own count, which tests check stays flat however many requests were served.
 //! Exit status: 0 done, 1 runtime failure, 2 bad usage.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::{File, OpenOptions};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +36,32 @@ use userdm_ublk::{
     BlockDevice, Control, DeleteMode, UblkError, UblkHandle, UblkOptions, UblkServer,
 };
 use userdm_uring::Reactor;
+
+/// Counts heap allocations, to show the serving path makes none per request.
+struct CountingAlloc;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: defers every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract, passed on unchanged.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Chunk size of the memory backend: chunks are allocated on first write.
 const CHUNK_BYTES: u64 = 1 << 20;
@@ -200,8 +230,11 @@ impl BlockDevice for FileDisk {
         TargetLimits::default()
     }
     async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> Result<(), Errno> {
+        if io.op == IoOp::Flush {
+            return rt.fsync(&self.file, true).await;
+        }
         let off = io.offset_bytes().ok_or(Errno::EOVERFLOW)?;
-        if io.op != IoOp::Flush && off.saturating_add(io.len_bytes) > self.size_bytes() {
+        if off.saturating_add(io.len_bytes) > self.size_bytes() {
             return Err(Errno::EOVERFLOW);
         }
         match io.op {
@@ -213,7 +246,6 @@ impl BlockDevice for FileDisk {
                 }
                 Ok(())
             }
-            IoOp::Flush => rt.fsync(&self.file, true).await,
             IoOp::Discard => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 rt.fallocate(&self.file, mode, off, io.len_bytes).await
@@ -433,13 +465,15 @@ fn serve_with<B: BlockDevice>(
         handle.info().depth,
         handle.info().flags.names().join(",")
     );
-    wait_for_signal(handle, signals, refresh_size)
+    let allocations_at_start = ALLOCATIONS.load(Ordering::Relaxed);
+    wait_for_signal(handle, signals, refresh_size, allocations_at_start)
 }
 
 fn wait_for_signal(
     mut handle: UblkHandle,
     signals: libc::sigset_t,
     refresh_size: Option<Box<dyn Fn() -> u64>>,
+    allocations_at_start: u64,
 ) -> Result<(), String> {
     loop {
         let ts = libc::timespec {
@@ -450,6 +484,8 @@ fn wait_for_signal(
         let sig = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &ts) };
         match sig {
             libc::SIGTERM | libc::SIGINT => {
+                let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_at_start;
+                eprintln!("ublk-serve: allocations while serving: {allocations}");
                 eprintln!("ublk-serve: stopping device {}", handle.id());
                 let (requests, errors) = handle.request_counts();
                 eprintln!("ublk-serve: served {requests} requests, {errors} failed");

@@ -317,11 +317,16 @@ impl<B: BlockDevice> QueueCtx<B> {
         let Some(op) = IoOp::from_ublk(sys::ublksrv_get_op(iod.op_flags)) else {
             return (-libc::EOPNOTSUPP, None);
         };
-        let len_bytes = u64::from(iod.nr_sectors) * SECTOR_SIZE;
+        // A FLUSH carries no range (the kernel leaves its sector at -1): give targets zeros.
+        let (sector, len_bytes) = if op.has_range() {
+            (iod.start_sector, u64::from(iod.nr_sectors) * SECTOR_SIZE)
+        } else {
+            (0, 0)
+        };
         let header = IoHeader {
             op,
             flags: IoFlags::from_ublk(iod.op_flags),
-            sector: iod.start_sector,
+            sector,
             len_bytes,
         };
         let carries_data = op.carries_write_data() || op.returns_data();

@@ -23,8 +23,12 @@ WORK=$(mktemp -d /tmp/ublk-test.XXXXXX)
 SERVER_PIDS=()
 
 cleanup() {
-	local pid
+	local pid job
 	set +e
+	# Background jobs other than servers (fio) go first, so no IO holds a device.
+	for job in $(jobs -p); do
+		[[ " ${SERVER_PIDS[*]} " == *" $job "* ]] || kill -KILL "$job" 2>/dev/null
+	done
 	for m in $(awk '$1 ~ /^\/dev\/(ublkb|mapper|dm-)/ { print $2 }' /proc/mounts | sort -r); do
 		umount -l "$m" 2>/dev/null
 	done
@@ -135,6 +139,17 @@ stop_server() {
 		cat "$WORK/$name.log"
 		fail "server $name exited with status $rc"
 	}
+}
+
+# wait_io DEV: waits (up to 30s) until requests are flowing on DEV (its sysfs stat moves).
+wait_io() {
+	local stat=/sys/block/${1#/dev/}/stat first i
+	first=$(awk '{ print $1 + $5 }' "$stat")
+	for ((i = 0; i < 300; i++)); do
+		(($(awk '{ print $1 + $5 }' "$stat") > first + 100)) && return 0
+		sleep 0.1
+	done
+	fail "no IO reached $1 within 30s"
 }
 
 # fio_run NAME ARGS...: runs fio, fails the test on error, prints a one-line summary.
