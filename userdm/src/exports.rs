@@ -1,15 +1,16 @@
-//! The exports a device's server can start: NBD over a Unix or TCP socket.
+//! The exports a device's server can start: NBD over a Unix or TCP socket, and a FUSE file.
 
 use std::sync::Arc;
 
 use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec};
 use userdm_device::BlockDevice;
+use userdm_fuse::{FuseExport, FuseHandle, FuseOptions};
 use userdm_io::{Errno, IoHeader, OpSet};
 use userdm_nbd::{
     serve_tcp, serve_unix, DeviceBackend, Exports as NbdExports, ListenAddr, NbdServer,
     ServerConfig,
 };
-use userdm_table::TargetLimits;
+use userdm_table::{Allocation, TargetLimits};
 use userdm_targets::AnyTarget;
 use userdm_uring::Reactor;
 
@@ -22,6 +23,12 @@ impl ExportFactory<AnyTarget> for Exports {
         spec: &ExportSpec,
         handle: DeviceHandle<AnyTarget>,
     ) -> Result<Box<dyn Export>, String> {
+        if let ExportSpec::Fuse(path) = spec {
+            let device = Arc::new(Opener(handle));
+            let fuse = FuseExport::start(device, path, FuseOptions::default())
+                .map_err(|e| format!("export {spec}: {e}"))?;
+            return Ok(Box::new(Fuse(Some(fuse))));
+        }
         let name = handle.device().name();
         let backend = Arc::new(DeviceBackend(Arc::new(Opener(handle))));
         let exports = NbdExports::new().with(&name, "userdm device", backend);
@@ -71,6 +78,19 @@ impl Export for Nbd {
     }
 }
 
+/// A running FUSE export.
+struct Fuse(Option<FuseHandle>);
+
+impl Export for Fuse {
+    fn stop(&mut self) {
+        if let Some(fuse) = self.0.take() {
+            if let Err(e) = fuse.stop() {
+                eprintln!("userdm: stopping FUSE export: {e}");
+            }
+        }
+    }
+}
+
 /// The device as NBD sees it. Connections count as openers through the server's handle, so
 /// that the last close of a device whose removal was deferred removes it.
 struct Opener(DeviceHandle<AnyTarget>);
@@ -99,6 +119,10 @@ impl BlockDevice for Opener {
         buf: &mut [u8],
     ) -> impl std::future::Future<Output = Result<(), Errno>> {
         self.0.device().io(rt, io, buf)
+    }
+
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        BlockDevice::allocation(&**self.0.device(), offset_bytes, max_len_bytes)
     }
 
     fn open(&self) {

@@ -1171,3 +1171,74 @@ fn nbd_clients_hold_the_device_open() {
     });
     assert!(!sock.exists());
 }
+
+/// `--export fuse:PATH` beside an NBD export of the same device: a loop device on the FUSE file
+/// takes mkfs.ext4 and mount, and what the filesystem wrote reads back the same through NBD.
+#[test]
+fn fuse_export_takes_ext4_and_agrees_with_nbd() {
+    if !is_root() || !Path::new("/dev/fuse").exists() || !have("nbdcopy") {
+        eprintln!("skipped: needs root, /dev/fuse and nbdcopy");
+        return;
+    }
+    let env = Env::new();
+    let file = env.path("disk.raw");
+    let sock = env.path("f0.sock");
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    env.ok(&[
+        "create",
+        "f0",
+        "--table",
+        "0 131072 memory",
+        "--export",
+        &format!("fuse:{}", file.display()),
+        "--export",
+        &format!("nbd:unix:{}", sock.display()),
+    ]);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 64 << 20);
+    let sh = |script: &str| {
+        let out = Command::new("sh").arg("-ec").arg(script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let f = file.display();
+    let m = mnt.display();
+    let loopdev = sh(&format!("losetup --find --show {f}"));
+    let cleanup =
+        format!("umount {m} 2>/dev/null || true; losetup -d {loopdev} 2>/dev/null || true");
+    let result = std::panic::catch_unwind(|| {
+        sh(&format!("mkfs.ext4 -q -F {loopdev}"));
+        sh(&format!("mount {loopdev} {m}"));
+        sh(&format!(
+            "for i in 1 2 3 4; do head -c 1M /dev/urandom > {m}/f$i; done; \
+             sha256sum {m}/f* > {m}/../sums; sync"
+        ));
+        sh(&format!("umount {m}"));
+        sh(&format!("e2fsck -fn {loopdev}"));
+        sh(&format!(
+            "mount {loopdev} {m}; cd {m} && sha256sum -c ../sums; cd /; umount {m}"
+        ));
+    });
+    sh(&cleanup);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    // The same bytes through NBD as through the file.
+    let uri = format!("nbd+unix:///f0?socket={}", sock.display());
+    let via_nbd = env.path("via-nbd.raw");
+    let st = Command::new("nbdcopy")
+        .args([&uri, via_nbd.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let a = std::fs::read(&file).unwrap();
+    let b = std::fs::read(&via_nbd).unwrap();
+    assert!(a == b, "the FUSE file and the NBD export disagree");
+    assert_eq!(&a[1080..1082], &[0x53, 0xef], "ext4 superblock magic");
+    env.ok(&["remove", "f0"]);
+    assert!(!sock.exists());
+}

@@ -21,11 +21,15 @@ pub enum ExportSpec {
         /// Port.
         port: u16,
     },
+    /// `fuse:PATH`: the device as the regular file PATH, through a FUSE mount over it.
+    Fuse(PathBuf),
 }
 
 /// Why an export spec was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid export '{spec}': {problem}; expected nbd:unix:PATH or nbd:tcp:HOST:PORT")]
+#[error(
+    "invalid export '{spec}': {problem}; expected nbd:unix:PATH, nbd:tcp:HOST:PORT or fuse:PATH"
+)]
 pub struct ExportSpecError {
     /// The spec given.
     pub spec: String,
@@ -34,15 +38,21 @@ pub struct ExportSpecError {
 }
 
 impl ExportSpec {
-    /// Parses `nbd:unix:PATH` or `nbd:tcp:HOST:PORT`.
+    /// Parses `nbd:unix:PATH`, `nbd:tcp:HOST:PORT` or `fuse:PATH`.
     pub fn parse(spec: &str) -> Result<ExportSpec, ExportSpecError> {
         let err = |problem| ExportSpecError {
             spec: spec.to_string(),
             problem,
         };
         let (kind, rest) = spec.split_once(':').ok_or_else(|| err("no export kind"))?;
+        if kind == "fuse" {
+            if rest.is_empty() {
+                return Err(err("empty file path"));
+            }
+            return Ok(ExportSpec::Fuse(PathBuf::from(rest)));
+        }
         if kind != "nbd" {
-            return Err(err("unknown export kind (only nbd is available)"));
+            return Err(err("unknown export kind (use nbd or fuse)"));
         }
         let (transport, addr) = rest.split_once(':').ok_or_else(|| err("no transport"))?;
         match transport {
@@ -80,6 +90,7 @@ impl fmt::Display for ExportSpec {
                 write!(f, "nbd:tcp:[{host}]:{port}")
             }
             ExportSpec::NbdTcp { host, port } => write!(f, "nbd:tcp:{host}:{port}"),
+            ExportSpec::Fuse(p) => write!(f, "fuse:{}", p.display()),
         }
     }
 }
@@ -207,6 +218,7 @@ mod tests {
             "nbd:tcp:127.0.0.1:10809",
             "nbd:tcp:localhost:1",
             "nbd:tcp:[::1]:10809",
+            "fuse:/var/lib/disk.img",
         ] {
             assert_eq!(ExportSpec::parse(s).unwrap().to_string(), s);
         }
@@ -230,6 +242,7 @@ mod tests {
             ("nbd:tcp:host:99999", "invalid port"),
             ("nbd:tcp::80", "empty host"),
             ("nbd:udp:x:1", "unknown transport"),
+            ("fuse:", "empty file path"),
         ] {
             let e = ExportSpec::parse(s).unwrap_err().to_string();
             assert!(e.contains(why), "{s}: {e}");
