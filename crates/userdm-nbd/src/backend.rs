@@ -57,6 +57,11 @@ pub struct BackendProperties {
     pub rotational: bool,
     /// `NBD_CMD_CACHE` is advertised and served by reading the range (warming a cache below).
     pub cache: bool,
+    /// Structured READs ask [`Backend::allocation`] and send holes as `OFFSET_HOLE` chunks.
+    /// Only for backends whose answer costs next to nothing: a file's `SEEK_HOLE` walks the
+    /// whole data run on some filesystems (tmpfs), far too slow to ask on every read. Sparse
+    /// copies do not need it: they ask BLOCK_STATUS, which always uses the allocation.
+    pub sparse_reads: bool,
 }
 
 impl Default for BackendProperties {
@@ -67,6 +72,7 @@ impl Default for BackendProperties {
             multi_conn: true,
             rotational: false,
             cache: false,
+            sparse_reads: false,
         }
     }
 }

@@ -16,12 +16,15 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rustls::ServerConnection;
+
 use crate::proto::{
     encode_export_name_reply, encode_greeting, encode_option_reply, nbd_str, ClientFlags,
     HandshakeFlags, InfoReply, InfoRequest, InfoType, MetaContextReply, MetaContextRequest,
     OptionHeader, OptionType, ProtoError, ReplyType, ServerReply, TransmissionFlags,
     BASE_ALLOCATION, CLIENT_FLAGS_BYTES, OPTION_HEADER_BYTES, STRING_BYTES_MAX,
 };
+use crate::tls::{TlsConfig, TlsMode};
 
 /// The context id this server gives `base:allocation` in answer to `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -160,6 +163,9 @@ pub struct HandshakeConfig {
     pub options_max: u32,
     /// When set, every option but ABORT is answered with `NBD_REP_ERR_SHUTDOWN`.
     pub shutting_down: Option<Arc<AtomicBool>>,
+    /// TLS policy and credentials; `None` is [`TlsMode::Off`]. Only [`handshake_tls`] can
+    /// upgrade a connection; [`handshake`] refuses STARTTLS whatever this says.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for HandshakeConfig {
@@ -169,6 +175,7 @@ impl Default for HandshakeConfig {
             option_skip_bytes_max: 1 << 20,
             options_max: 1024,
             shutting_down: None,
+            tls: None,
         }
     }
 }
@@ -240,6 +247,13 @@ pub enum HandshakeError {
     /// Reading or writing the connection failed (including the client disconnecting).
     #[error("connection failed")]
     Io(#[source] io::Error),
+    /// TLS is required and the client tried to enter transmission without it (EXPORT_NAME,
+    /// which has no error reply).
+    #[error("client entered transmission without the TLS this server requires")]
+    TlsRequired,
+    /// The TLS handshake after STARTTLS failed.
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
 }
 
 impl From<io::Error> for HandshakeError {
@@ -248,8 +262,22 @@ impl From<io::Error> for HandshakeError {
     }
 }
 
+/// Where the connection stands with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsState {
+    /// In the clear; STARTTLS refused (ERR_POLICY).
+    Refused,
+    /// In the clear; STARTTLS accepted; with `required`, nothing else is.
+    Offered { required: bool },
+    /// Encrypted.
+    Secure,
+}
+
 /// Mutable state of one negotiation.
 struct State {
+    tls: TlsState,
+    /// Options handled so far, against `options_max`, across a STARTTLS.
+    options: u32,
     structured: bool,
     extended: bool,
     no_zeroes: bool,
@@ -262,9 +290,12 @@ struct State {
 enum Step<E> {
     Continue,
     Done(Box<Negotiated<E>>),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
 }
 
-/// Runs the server side of a fixed-newstyle handshake on `stream`.
+/// Runs the server side of a fixed-newstyle handshake on `stream`, without TLS: STARTTLS is
+/// refused whatever `config.tls` says (use [`handshake_tls`] to offer it).
 ///
 /// On success the stream is positioned at the first transmission request.
 pub fn handshake<S, C>(
@@ -272,6 +303,34 @@ pub fn handshake<S, C>(
     catalogue: &C,
     config: &HandshakeConfig,
 ) -> Result<Negotiated<C::Export>, HandshakeError>
+where
+    S: Read + Write,
+    C: ExportCatalogue,
+{
+    negotiate(stream, catalogue, config, None).map(|(n, _)| n)
+}
+
+/// Runs the handshake with the TLS policy of `config.tls`. When the client upgraded with
+/// STARTTLS, the TLS session comes back with the result: every later byte of the connection
+/// must go through it (see `serve_stream`, which does that).
+pub fn handshake_tls<S, C>(
+    stream: &mut S,
+    catalogue: &C,
+    config: &HandshakeConfig,
+) -> Result<(Negotiated<C::Export>, Option<ServerConnection>), HandshakeError>
+where
+    S: Read + Write,
+    C: ExportCatalogue,
+{
+    negotiate(stream, catalogue, config, config.tls.as_ref())
+}
+
+fn negotiate<S, C>(
+    stream: &mut S,
+    catalogue: &C,
+    config: &HandshakeConfig,
+    tls: Option<&TlsConfig>,
+) -> Result<(Negotiated<C::Export>, Option<ServerConnection>), HandshakeError>
 where
     S: Read + Write,
     C: ExportCatalogue,
@@ -286,23 +345,68 @@ where
     if client.unknown().bits() != 0 {
         return Err(HandshakeError::BadClientFlags(client.bits()));
     }
-    let mut st = State {
-        structured: false,
-        extended: false,
-        no_zeroes: client.contains(ClientFlags::NO_ZEROES),
-        meta: None,
-        out: Vec::with_capacity(512),
+    let tls_state = match tls.map(|t| t.mode) {
+        None | Some(TlsMode::Off) => TlsState::Refused,
+        Some(TlsMode::On) => TlsState::Offered { required: false },
+        Some(TlsMode::Require) => TlsState::Offered { required: true },
     };
-    for _ in 0..config.options_max {
+    let mut st = State::new(tls_state, client.contains(ClientFlags::NO_ZEROES));
+    if let Some(negotiated) = options(stream, catalogue, config, &mut st)? {
+        return Ok((negotiated, None));
+    }
+    // STARTTLS: everything negotiated in the clear is forgotten, as the specification requires.
+    let tls = tls.ok_or(HandshakeError::TlsRequired)?;
+    let mut conn = crate::tls::accept(tls, stream).map_err(HandshakeError::Tls)?;
+    let used = st.options;
+    st = State::new(TlsState::Secure, st.no_zeroes);
+    st.options = used;
+    let mut secure = rustls::Stream::new(&mut conn, stream);
+    match options(&mut secure, catalogue, config, &mut st)? {
+        Some(negotiated) => Ok((negotiated, Some(conn))),
+        // `handle_option` never starts TLS twice.
+        None => Err(HandshakeError::TlsRequired),
+    }
+}
+
+impl State {
+    fn new(tls: TlsState, no_zeroes: bool) -> State {
+        State {
+            tls,
+            options: 0,
+            structured: false,
+            extended: false,
+            no_zeroes,
+            meta: None,
+            out: Vec::with_capacity(512),
+        }
+    }
+}
+
+/// Answers options until the client enters transmission (`Some`) or STARTTLS is acknowledged
+/// (`None`).
+fn options<S, C>(
+    stream: &mut S,
+    catalogue: &C,
+    config: &HandshakeConfig,
+    st: &mut State,
+) -> Result<Option<Negotiated<C::Export>>, HandshakeError>
+where
+    S: Read + Write,
+    C: ExportCatalogue,
+{
+    while st.options < config.options_max {
+        st.options += 1;
         let mut raw = [0u8; OPTION_HEADER_BYTES];
         stream.read_exact(&mut raw)?;
         let header = OptionHeader::decode(&raw).map_err(HandshakeError::Protocol)?;
-        let step = handle_option(stream, catalogue, config, &mut st, header)?;
+        let step = handle_option(stream, catalogue, config, st, header)?;
         stream.write_all(&st.out)?;
         stream.flush()?;
         st.out.clear();
-        if let Step::Done(negotiated) = step {
-            return Ok(*negotiated);
+        match step {
+            Step::Continue => {}
+            Step::Done(negotiated) => return Ok(Some(*negotiated)),
+            Step::StartTls => return Ok(None),
         }
     }
     Err(HandshakeError::TooManyOptions)
@@ -338,6 +442,21 @@ where
         );
         return Ok(Step::Continue);
     }
+    if st.tls == (TlsState::Offered { required: true })
+        && !matches!(option, OptionType::STARTTLS | OptionType::ABORT)
+    {
+        // FORCEDTLS: EXPORT_NAME has no error reply, so it ends the connection.
+        if option == OptionType::EXPORT_NAME {
+            return Err(HandshakeError::TlsRequired);
+        }
+        reply(
+            st,
+            option,
+            ReplyType::ERR_TLS_REQD,
+            b"this server requires TLS",
+        );
+        return Ok(Step::Continue);
+    }
     match option {
         OptionType::EXPORT_NAME => export_name(catalogue, st, &data).map(Step::Done),
         OptionType::ABORT => {
@@ -352,22 +471,34 @@ where
             Ok(Step::Continue)
         }
         OptionType::STARTTLS => {
-            // TLS is not implemented yet; POLICY tells the client this server will not encrypt,
-            // so a client that requires TLS gives up rather than retrying.
-            if data.is_empty() {
-                reply(
-                    st,
-                    option,
-                    ReplyType::ERR_POLICY,
-                    b"TLS is not enabled on this server",
-                );
-            } else {
+            if !data.is_empty() {
                 reply(
                     st,
                     option,
                     ReplyType::ERR_INVALID,
                     b"STARTTLS takes no data",
                 );
+                return Ok(Step::Continue);
+            }
+            match st.tls {
+                // POLICY tells the client this server will not encrypt, so a client that
+                // requires TLS gives up rather than retrying.
+                TlsState::Refused => reply(
+                    st,
+                    option,
+                    ReplyType::ERR_POLICY,
+                    b"TLS is not enabled on this server",
+                ),
+                TlsState::Secure => reply(
+                    st,
+                    option,
+                    ReplyType::ERR_INVALID,
+                    b"TLS is already negotiated",
+                ),
+                TlsState::Offered { .. } => {
+                    reply(st, option, ReplyType::ACK, &[]);
+                    return Ok(Step::StartTls);
+                }
             }
             Ok(Step::Continue)
         }

@@ -19,7 +19,7 @@
 //! // nbdinfo 'nbd+unix:///disk?socket=/tmp/disk.sock'
 //! server.shutdown();
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -29,13 +29,20 @@ pub mod mem;
 pub mod proto;
 pub mod server;
 pub mod stream;
+#[allow(unsafe_code)]
+mod sys;
+pub mod tls;
 
 pub use backend::{errno_to_nbd, export_info, Backend, BackendProperties, DeviceBackend, Extent};
 pub use handshake::{
-    handshake, BlockSizes, ExportCatalogue, ExportFeatures, ExportInfo, HandshakeConfig,
-    HandshakeError, MetaContexts, Negotiated,
+    handshake, handshake_tls, BlockSizes, ExportCatalogue, ExportFeatures, ExportInfo,
+    HandshakeConfig, HandshakeError, MetaContexts, Negotiated,
 };
-pub use listener::{serve_tcp, serve_unix, Export, Exports, ListenAddr, NbdServer, ServerStats};
+pub use listener::{
+    serve_listen_fds, serve_stream, serve_tcp, serve_unix, ConnectionError, Export, Exports,
+    ListenAddr, NbdServer, ServerStats,
+};
 pub use mem::MemBackend;
 pub use server::{serve_connection, ServeError, ServerConfig};
 pub use stream::Stream;
+pub use tls::{TlsConfig, TlsError, TlsMode};

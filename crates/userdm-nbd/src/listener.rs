@@ -6,6 +6,14 @@
 //! one connection's failure (a hostile client, a broken socket, a failed ring) never touches
 //! another. [`NbdServer::shutdown`] stops accepting and drains: every connection's in-flight
 //! requests finish and are answered before its socket closes.
+//!
+//! Two more ways in, so that libnbd can launch the server as a subprocess (its interop tests,
+//! `nbdinfo -- [ CMD ]`): [`serve_stream`] serves one already-connected socket on the calling
+//! thread (inetd style: `nbd-serve -s` on standard input), and [`serve_listen_fds`] listens on
+//! the socket systemd (or libnbd) passed with `LISTEN_FDS`/`LISTEN_PID`.
+//!
+//! With TLS configured (`ServerConfig::handshake.tls`), a connection that upgrades with
+//! STARTTLS is served through [`crate::tls`]'s record pump.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};
@@ -19,8 +27,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::backend::{export_info, Backend};
-use crate::handshake::{handshake, ExportCatalogue, ExportInfo, HandshakeConfig};
-use crate::server::{serve_connection, ServerConfig};
+use crate::handshake::{
+    handshake_tls, ExportCatalogue, ExportInfo, HandshakeConfig, HandshakeError,
+};
+use crate::server::{serve_connection, ServeError, ServerConfig};
 use crate::stream::Stream;
 
 /// One named export.
@@ -145,6 +155,8 @@ struct Shared {
 /// A running NBD server. Dropping it shuts it down, as [`NbdServer::shutdown`] does.
 pub struct NbdServer {
     addr: ListenAddr,
+    /// The socket file is ours to remove on shutdown (not one systemd or libnbd made).
+    owns_path: bool,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -164,9 +176,116 @@ pub fn serve_unix<B: Backend>(
     start(
         Listener::Unix(listener),
         ListenAddr::Unix(path),
+        true,
         exports,
         config,
     )
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// Serves `exports` on the listening socket this process was given by systemd socket activation
+/// (or libnbd's `nbd_connect_systemd_socket_activation`): `LISTEN_PID` must be this process and
+/// `LISTEN_FDS` at least 1; the first descriptor (3), a Unix or TCP listening socket, is used.
+/// The variables are removed so that children do not inherit them. The socket file, if any, is
+/// left in place on shutdown: it belongs to whoever made it.
+pub fn serve_listen_fds<B: Backend>(
+    exports: Exports<B>,
+    config: ServerConfig,
+) -> io::Result<NbdServer> {
+    let invalid =
+        |why: &str| io::Error::new(ErrorKind::InvalidInput, format!("socket activation: {why}"));
+    let pid = std::env::var("LISTEN_PID").map_err(|_| invalid("LISTEN_PID is not set"))?;
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Err(invalid("LISTEN_PID is not this process"));
+    }
+    let count = std::env::var("LISTEN_FDS").map_err(|_| invalid("LISTEN_FDS is not set"))?;
+    match count.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => {}
+        _ => return Err(invalid("LISTEN_FDS is not a positive number")),
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let fd = crate::sys::adopt_inherited_fd(LISTEN_FDS_START)?;
+    let unix = UnixListener::from(fd);
+    if let Ok(local) = unix.local_addr() {
+        let path = local
+            .as_pathname()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| invalid("the Unix socket has no path"))?;
+        return start(
+            Listener::Unix(unix),
+            ListenAddr::Unix(path),
+            false,
+            exports,
+            config,
+        );
+    }
+    let tcp = TcpListener::from(std::os::fd::OwnedFd::from(unix));
+    let local = tcp
+        .local_addr()
+        .map_err(|_| invalid("descriptor 3 is not a Unix or TCP listening socket"))?;
+    start(
+        Listener::Tcp(tcp),
+        ListenAddr::Tcp(local),
+        false,
+        exports,
+        config,
+    )
+}
+
+/// Why [`serve_stream`] ended other than by the client disconnecting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The socket could not be set up.
+    #[error("cannot set up the connection")]
+    Io(#[source] io::Error),
+    /// The handshake failed (including a client that aborted it).
+    #[error("handshake failed")]
+    Handshake(#[source] HandshakeError),
+    /// The transmission phase ended in an error.
+    #[error("transmission failed")]
+    Serve(#[source] ServeError),
+}
+
+/// Serves one client on an already-connected socket, on the calling thread: handshake, then
+/// transmission, until the client leaves. This is inetd-style service (`nbd-serve -s`, where the
+/// socket is standard input; see [`Stream::from_stdin`]) and what libnbd's
+/// `nbd_connect_command` expects.
+pub fn serve_stream<B: Backend>(
+    stream: Stream,
+    exports: &Exports<B>,
+    config: &ServerConfig,
+) -> Result<(), ConnectionError> {
+    serve_one(stream, exports, &config.handshake, config)
+}
+
+/// Handshake (with TLS if negotiated), then transmission, on the calling thread.
+fn serve_one<B: Backend>(
+    mut stream: Stream,
+    exports: &Exports<B>,
+    handshake_config: &HandshakeConfig,
+    config: &ServerConfig,
+) -> Result<(), ConnectionError> {
+    stream
+        .set_timeouts(config.handshake_timeout)
+        .map_err(ConnectionError::Io)?;
+    let (negotiated, tls) = handshake_tls(&mut stream, exports, handshake_config)
+        .map_err(ConnectionError::Handshake)?;
+    stream.set_timeouts(None).map_err(ConnectionError::Io)?;
+    match tls {
+        None => serve_connection(stream, negotiated, config).map_err(ConnectionError::Serve),
+        Some(conn) => {
+            let (inner, pump) =
+                crate::tls::spawn_pump(conn, stream).map_err(ConnectionError::Io)?;
+            let result = serve_connection(inner, negotiated, config);
+            pump.join();
+            result.map_err(ConnectionError::Serve)
+        }
+    }
 }
 
 /// Serves `exports` on TCP at `addr` (port 0 picks a free port; see [`NbdServer::local_addr`]).
@@ -180,6 +299,7 @@ pub fn serve_tcp<B: Backend>(
     start(
         Listener::Tcp(listener),
         ListenAddr::Tcp(local),
+        true,
         exports,
         config,
     )
@@ -188,6 +308,7 @@ pub fn serve_tcp<B: Backend>(
 fn start<B: Backend>(
     listener: Listener,
     addr: ListenAddr,
+    owns_path: bool,
     exports: Exports<B>,
     config: ServerConfig,
 ) -> io::Result<NbdServer> {
@@ -204,6 +325,7 @@ fn start<B: Backend>(
         .spawn(move || accept_loop(listener, acceptor_shared, exports, config))?;
     Ok(NbdServer {
         addr,
+        owns_path,
         shared,
         acceptor: Some(acceptor),
     })
@@ -268,7 +390,7 @@ fn accept_loop<B: Backend>(
 /// One connection's thread: handshake, then transmission.
 fn connection<B: Backend>(
     id: u64,
-    mut stream: Stream,
+    stream: Stream,
     shared: &Shared,
     exports: &Exports<B>,
     config: &ServerConfig,
@@ -278,19 +400,13 @@ fn connection<B: Backend>(
         shutting_down: Some(shared.stopping.clone()),
         ..config.handshake.clone()
     };
-    let negotiated = stream
-        .set_timeouts(config.handshake_timeout)
-        .map_err(|_| ())
-        .and_then(|()| handshake(&mut stream, exports, &handshake_config).map_err(|_| ()))
-        .and_then(|n| stream.set_timeouts(None).map(|()| n).map_err(|_| ()));
-    match negotiated {
-        Ok(negotiated) => {
-            if serve_connection(stream, negotiated, config).is_err() {
-                c.connections_failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Err(()) => {
+    match serve_one(stream, exports, &handshake_config, config) {
+        Ok(()) => {}
+        Err(ConnectionError::Io(_) | ConnectionError::Handshake(_)) => {
             c.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(ConnectionError::Serve(_)) => {
+            c.connections_failed.fetch_add(1, Ordering::Relaxed);
         }
     }
     lock(&shared.sockets).remove(&id);
@@ -356,7 +472,7 @@ impl NbdServer {
         for t in threads {
             let _ = t.join();
         }
-        if let ListenAddr::Unix(path) = &self.addr {
+        if let (ListenAddr::Unix(path), true) = (&self.addr, self.owns_path) {
             let _ = std::fs::remove_file(path);
         }
     }

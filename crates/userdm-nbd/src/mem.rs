@@ -34,6 +34,7 @@ impl MemBackend {
             properties: BackendProperties {
                 fast_zero: true,
                 cache: true,
+                sparse_reads: true,
                 ..BackendProperties::default()
             },
             pages: RwLock::new((0..pages).map(|_| None).collect()),

@@ -8,10 +8,12 @@
 //!   [`Backend`] and sends the reply from its own buffer. Tags finish in any order, so replies go
 //!   out of order, as the protocol allows.
 //!
-//! Replies are serialized by a per-connection FIFO send queue ([`SendQueue`]): a tag waits for its
-//! turn, then sends its whole message straight from its buffer, so replies never interleave
-//! mid-message and are never copied. Each tag buffer has room for a reply header in front of
-//! its data, so a header and its data leave in one send.
+//! Replies leave through one **writer** task per connection: a tag frames its whole reply in its
+//! own buffer (each tag buffer has room for a reply header in front of its data, so a header and
+//! its data are contiguous), hands the buffer to the writer's queue in FIFO order
+//! ([`SendQueue`] turns), and waits for it to come back. The writer sends everything queued
+//! with one `sendmsg` (up to [`SEND_BATCH_MAX`] replies), so under load one syscall carries many
+//! replies; replies never interleave mid-message and are never copied.
 //!
 //! Every buffer is allocated when the connection starts; serving a request allocates nothing.
 //! A request larger than a tag buffer is served in buffer-sized pieces: one structured chunk
@@ -71,7 +73,7 @@ impl Default for ServerConfig {
     fn default() -> ServerConfig {
         ServerConfig {
             queue_depth: 64,
-            buffer_bytes: 1 << 20,
+            buffer_bytes: 256 << 10,
             ring_entries: 256,
             handshake: crate::handshake::HandshakeConfig::default(),
             handshake_timeout: Some(std::time::Duration::from_secs(30)),
@@ -251,14 +253,29 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Reject> {
     }
 }
 
+/// Replies one `sendmsg` carries at most.
+const SEND_BATCH_MAX: usize = 64;
+
 /// A tag's buffer: `PREFIX_BYTES` of header room, then `capacity` bytes of aligned data.
 struct TagBuf {
     storage: Box<[u8]>,
     data_start: usize,
     capacity: usize,
+    /// The tag that owns it, where the writer returns it.
+    tag: usize,
 }
 
 impl TagBuf {
+    /// A placeholder left in a tag while its buffer is with the writer (allocates nothing).
+    fn placeholder(tag: usize) -> TagBuf {
+        TagBuf {
+            storage: Box::default(),
+            data_start: 0,
+            capacity: 0,
+            tag,
+        }
+    }
+
     fn new(capacity: usize) -> TagBuf {
         let storage = vec![0u8; PREFIX_BYTES + capacity + BUFFER_ALIGN].into_boxed_slice();
         // The first aligned address at least PREFIX_BYTES in; `align_offset` is always below
@@ -269,6 +286,7 @@ impl TagBuf {
             storage,
             data_start,
             capacity,
+            tag: 0,
         }
     }
 
@@ -277,9 +295,9 @@ impl TagBuf {
         &mut self.storage[start..start + len.min(self.capacity)]
     }
 
-    /// Writes `parts` back to back so they end where the data starts, and returns them together
-    /// with the first `data_len` data bytes as one contiguous message.
-    fn frame(&mut self, parts: &[&[u8]], data_len: usize) -> &[u8] {
+    /// Writes `parts` back to back so they end where the data starts, and returns where they
+    /// and the first `data_len` data bytes lie, as one contiguous message.
+    fn frame(&mut self, parts: &[&[u8]], data_len: usize) -> std::ops::Range<usize> {
         let prefix: usize = parts.iter().map(|p| p.len()).sum();
         let prefix = prefix.min(PREFIX_BYTES);
         let mut at = self.data_start - prefix;
@@ -289,8 +307,14 @@ impl TagBuf {
             self.storage[at..at + n].copy_from_slice(&part[..n]);
             at += n;
         }
-        &self.storage[start..self.data_start + data_len.min(self.capacity)]
+        start..self.data_start + data_len.min(self.capacity)
     }
+}
+
+/// A reply handed to the writer: the buffer and where the message lies in it.
+struct Outgoing {
+    buf: TagBuf,
+    range: std::ops::Range<usize>,
 }
 
 /// A fair FIFO lock over the socket's sending side: the per-connection send queue.
@@ -372,6 +396,9 @@ struct Job {
 struct Tag {
     job: Cell<Option<Job>>,
     waker: Cell<Option<Waker>>,
+    /// The buffer, back from the writer once its reply is sent.
+    returned: Cell<Option<TagBuf>>,
+    return_waker: Cell<Option<Waker>>,
 }
 
 /// One connection's state, shared by its tasks.
@@ -384,10 +411,15 @@ struct Conn<B> {
     limits: Limits,
     meta_id: u32,
     cache: bool,
+    /// READ asks the backend for holes (cheap allocation answers).
+    sparse_reads: bool,
     tags: Box<[Tag]>,
     free: RefCell<Vec<(usize, TagBuf)>>,
     reader_waker: Cell<Option<Waker>>,
     send: SendQueue,
+    /// Replies waiting for the writer, in the order they must leave.
+    outgoing: RefCell<VecDeque<Outgoing>>,
+    writer_waker: Cell<Option<Waker>>,
     live_tags: Cell<usize>,
     closing: Cell<bool>,
     dead: Cell<bool>,
@@ -441,26 +473,37 @@ pub fn serve_connection<B: Backend>(
         },
         meta_id: negotiated.meta_contexts.base_allocation.unwrap_or(0),
         cache: negotiated.flags.contains(TransmissionFlags::SEND_CACHE),
+        sparse_reads: props.sparse_reads,
         backend: negotiated.export,
         tags: (0..depth)
             .map(|_| Tag {
                 job: Cell::new(None),
                 waker: Cell::new(None),
+                returned: Cell::new(None),
+                return_waker: Cell::new(None),
             })
             .collect(),
         free: RefCell::new(
             (0..depth)
                 .rev()
-                .map(|i| (i, TagBuf::new(capacity)))
+                .map(|i| {
+                    let mut buf = TagBuf::new(capacity);
+                    buf.tag = i;
+                    (i, buf)
+                })
                 .collect(),
         ),
         reader_waker: Cell::new(None),
         send: SendQueue::new(depth + 1),
-        live_tags: Cell::new(depth),
+        outgoing: RefCell::new(VecDeque::with_capacity(depth + 1)),
+        writer_waker: Cell::new(None),
+        // The tags and the writer.
+        live_tags: Cell::new(depth + 1),
         closing: Cell::new(false),
         dead: Cell::new(false),
     });
     conn.backend.open();
+    conn.rt.spawn(writer_task(conn.clone()));
     for index in 0..depth {
         conn.rt.spawn(tag_task(conn.clone(), index));
     }
@@ -489,6 +532,57 @@ async fn tag_task<B: Backend>(conn: Rc<Conn<B>>, index: usize) {
     }
     conn.live_tags.set(conn.live_tags.get() - 1);
     conn.wake_reader();
+    conn.wake_writer();
+}
+
+/// Sends queued replies, many per `sendmsg`, and gives each buffer back to its tag. Ends when the
+/// connection is closing and every tag has finished.
+async fn writer_task<B: Backend>(conn: Rc<Conn<B>>) {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(SEND_BATCH_MAX);
+    loop {
+        let more = poll_fn(|cx| {
+            if !conn.outgoing.borrow().is_empty() {
+                return Poll::Ready(true);
+            }
+            // Only the writer itself is left.
+            if conn.closing.get() && conn.live_tags.get() == 1 {
+                return Poll::Ready(false);
+            }
+            conn.writer_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        if !more {
+            break;
+        }
+        {
+            let mut queue = conn.outgoing.borrow_mut();
+            let n = queue.len().min(SEND_BATCH_MAX);
+            batch.extend(queue.drain(..n));
+        }
+        if !conn.dead.get() {
+            let mut iov = [std::io::IoSlice::new(&[]); SEND_BATCH_MAX];
+            for (slot, out) in iov.iter_mut().zip(batch.iter()) {
+                *slot = std::io::IoSlice::new(&out.buf.storage[out.range.clone()]);
+            }
+            let sent = conn
+                .rt
+                .send_all_vectored(conn.fd, &mut iov[..batch.len()], false)
+                .await;
+            if sent.is_err() {
+                conn.kill();
+            }
+        }
+        for out in batch.drain(..) {
+            let tag = &conn.tags[out.buf.tag];
+            tag.returned.set(Some(out.buf));
+            if let Some(w) = tag.return_waker.take() {
+                w.wake();
+            }
+        }
+    }
+    conn.live_tags.set(conn.live_tags.get() - 1);
+    conn.wake_reader();
 }
 
 impl<B: Backend> Conn<B> {
@@ -504,6 +598,7 @@ impl<B: Backend> Conn<B> {
                 w.wake();
             }
         }
+        self.wake_writer();
         poll_fn(|cx| {
             if self.live_tags.get() == 0 {
                 Poll::Ready(())
@@ -517,6 +612,12 @@ impl<B: Backend> Conn<B> {
             return Err(ServeError::Dropped);
         }
         result
+    }
+
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
     }
 
     fn wake_reader(&self) {
@@ -759,22 +860,44 @@ impl<B: Backend> Conn<B> {
         Ok(())
     }
 
-    /// Sends one whole message, in turn.
-    async fn send(&self, message: &[u8]) {
-        let _turn = self.send.turn().await;
-        self.send_now(message).await;
+    /// Frames `parts` and `data_len` data bytes as one message and sends it, in turn; returns
+    /// once `buf` is back (the message has left, or the connection is dead).
+    async fn send_framed(&self, buf: &mut TagBuf, parts: &[&[u8]], data_len: usize) {
+        let range = buf.frame(parts, data_len);
+        let turn = self.send.turn().await;
+        self.queue(buf, range);
+        drop(turn);
+        self.take_back(buf).await;
     }
 
-    /// Sends while the caller holds the turn. Any failure is a hard disconnect.
-    async fn send_now(&self, message: &[u8]) -> bool {
-        if self.dead.get() {
-            return false;
-        }
-        if self.rt.send_all(self.fd, message, false).await.is_err() {
-            self.kill();
-            return false;
-        }
-        true
+    /// Sends while the caller holds the turn; false if the connection is dead.
+    async fn send_held(&self, buf: &mut TagBuf, parts: &[&[u8]], data_len: usize) -> bool {
+        let range = buf.frame(parts, data_len);
+        self.queue(buf, range);
+        self.take_back(buf).await;
+        !self.dead.get()
+    }
+
+    /// Hands `buf` to the writer.
+    fn queue(&self, buf: &mut TagBuf, range: std::ops::Range<usize>) {
+        let owned = std::mem::replace(buf, TagBuf::placeholder(buf.tag));
+        self.outgoing
+            .borrow_mut()
+            .push_back(Outgoing { buf: owned, range });
+        self.wake_writer();
+    }
+
+    /// Waits for the writer to give `buf` back.
+    async fn take_back(&self, buf: &mut TagBuf) {
+        let tag = &self.tags[buf.tag];
+        *buf = poll_fn(|cx| match tag.returned.take() {
+            Some(b) => Poll::Ready(b),
+            None => {
+                tag.return_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
     fn chunk_header(
@@ -808,7 +931,7 @@ impl<B: Backend> Conn<B> {
                     cookie: req.cookie,
                 }
                 .encode();
-                self.send(buf.frame(&[&reply], 0)).await;
+                self.send_framed(buf, &[&reply], 0).await;
             }
             // Structured replies allow a simple reply without payload, except for READ.
             (ReplyMode::Structured, Ok(())) if req.command != CommandType::READ => {
@@ -817,11 +940,11 @@ impl<B: Backend> Conn<B> {
                     cookie: req.cookie,
                 }
                 .encode();
-                self.send(buf.frame(&[&reply], 0)).await;
+                self.send_framed(buf, &[&reply], 0).await;
             }
             (_, Ok(())) => {
                 let (h, n) = self.chunk_header(req, ReplyFlags::DONE, ChunkType::NONE, 0);
-                self.send(buf.frame(&[&h[..n]], 0)).await;
+                self.send_framed(buf, &[&h[..n]], 0).await;
             }
             (_, Err(r)) => self.send_error(req, buf, r, None).await,
         }
@@ -840,7 +963,7 @@ impl<B: Backend> Conn<B> {
             None => ChunkType::ERROR,
         };
         let (h, hn) = self.chunk_header(req, ReplyFlags::DONE, kind, n as u64);
-        self.send(buf.frame(&[&h[..hn], &payload[..n]], 0)).await;
+        self.send_framed(buf, &[&h[..hn], &payload[..n]], 0).await;
     }
 
     async fn read(&self, req: &Request, buf: &mut TagBuf) {
@@ -864,7 +987,7 @@ impl<B: Backend> Conn<B> {
             let io = io_header(IoOp::Read, IoFlags::empty(), req.offset, req.length);
             let len = req.length as usize;
             match self.backend.io(&self.rt, io, buf.data(len)).await {
-                Ok(()) => self.send(buf.frame(&[&header], len)).await,
+                Ok(()) => self.send_framed(buf, &[&header], len).await,
                 Err(e) => self.reply_status(req, buf, Err(backend_reject(e))).await,
             }
             return;
@@ -877,9 +1000,9 @@ impl<B: Backend> Conn<B> {
             let n = (req.length - at).min(piece);
             let io = io_header(IoOp::Read, IoFlags::empty(), req.offset + at, n);
             let result = self.backend.io(&self.rt, io, buf.data(n as usize)).await;
-            let message = match (result, at) {
-                (Ok(()), 0) => buf.frame(&[&header], n as usize),
-                (Ok(()), _) => buf.frame(&[], n as usize),
+            let sent = match (result, at) {
+                (Ok(()), 0) => self.send_held(buf, &[&header], n as usize).await,
+                (Ok(()), _) => self.send_held(buf, &[], n as usize).await,
                 (Err(e), 0) => {
                     let error = errno_to_nbd(e).0;
                     let reply = SimpleReply {
@@ -887,7 +1010,7 @@ impl<B: Backend> Conn<B> {
                         cookie: req.cookie,
                     }
                     .encode();
-                    self.send_now(buf.frame(&[&reply], 0)).await;
+                    self.send_held(buf, &[&reply], 0).await;
                     break;
                 }
                 (Err(_), _) => {
@@ -897,7 +1020,7 @@ impl<B: Backend> Conn<B> {
                     break;
                 }
             };
-            if !self.send_now(message).await {
+            if !sent {
                 break;
             }
             at += n;
@@ -912,7 +1035,7 @@ impl<B: Backend> Conn<B> {
         let mut at = req.offset;
         while at < end && !self.dead.get() {
             // DF wants one content chunk; `validate` made sure it fits the buffer.
-            let extent = if df {
+            let extent = if df || !self.sparse_reads {
                 Extent::data(end - at)
             } else {
                 self.extent(at, end - at).await
@@ -931,7 +1054,7 @@ impl<B: Backend> Conn<B> {
                 };
                 let (h, hn) =
                     self.chunk_header(req, flags, ChunkType::OFFSET_HOLE, payload.len() as u64);
-                self.send(buf.frame(&[&h[..hn], &payload], 0)).await;
+                self.send_framed(buf, &[&h[..hn], &payload], 0).await;
                 at += n;
                 continue;
             }
@@ -950,7 +1073,7 @@ impl<B: Backend> Conn<B> {
             };
             let length = OFFSET_DATA_PREFIX_BYTES as u64 + n;
             let (h, hn) = self.chunk_header(req, flags, ChunkType::OFFSET_DATA, length);
-            self.send(buf.frame(&[&h[..hn], &at.to_be_bytes()], n as usize))
+            self.send_framed(buf, &[&h[..hn], &at.to_be_bytes()], n as usize)
                 .await;
             at += n;
         }
@@ -1029,7 +1152,7 @@ impl<B: Backend> Conn<B> {
         let pn = encode_block_status_prefix(style, self.meta_id, count32, &mut prefix).unwrap_or(0);
         let length = (block_status_prefix_bytes(style) + count * width) as u64;
         let (h, hn) = self.chunk_header(req, ReplyFlags::DONE, block_status_chunk(style), length);
-        self.send(buf.frame(&[&h[..hn], &prefix[..pn]], count * width))
+        self.send_framed(buf, &[&h[..hn], &prefix[..pn]], count * width)
             .await;
     }
 }

@@ -26,6 +26,27 @@ impl Stream {
         };
     }
 
+    /// The socket on standard input, for inetd-style service (libnbd's `nbd_connect_command`
+    /// runs the server with a connected Unix socket as its standard input and output). Standard
+    /// input is duplicated, so the process's own descriptor 0 stays as it was. Fails unless it is
+    /// a Unix or TCP stream socket.
+    pub fn from_stdin() -> io::Result<Stream> {
+        use std::os::fd::AsFd;
+        let fd = io::stdin().as_fd().try_clone_to_owned()?;
+        let unix = UnixStream::from(fd);
+        if unix.local_addr().is_ok() {
+            return Ok(Stream::Unix(unix));
+        }
+        let tcp = TcpStream::from(std::os::fd::OwnedFd::from(unix));
+        if tcp.local_addr().is_ok() {
+            return Ok(Stream::from(tcp));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "standard input is not a connected Unix or TCP socket",
+        ))
+    }
+
     /// Another handle to the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {

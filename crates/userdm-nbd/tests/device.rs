@@ -136,3 +136,70 @@ fn block_status_and_sparse_copy_through_the_engine() {
     server.shutdown();
     server2.shutdown();
 }
+
+#[test]
+fn multi_conn_flush_reaches_the_device_and_several_exports() {
+    use common::Raw;
+    use userdm_nbd::proto::CommandType;
+    let scratch = Scratch::new("multi-conn");
+    let backing = scratch.path("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let d = device(&format!("0 2048 linear {} 0\n", backing.display()));
+    let m = device("0 2048 memory\n");
+    let socket = scratch.path("mc.sock");
+    let server = serve_unix(
+        &socket,
+        Exports::new()
+            .with("file", "the file", Arc::new(DeviceBackend(d.clone())))
+            .with("mem", "the memory", Arc::new(DeviceBackend(m.clone()))),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    // Connection A writes; its reply means the write is complete.
+    let mut a = Raw::connect(&socket);
+    a.go("file");
+    a.request(CommandType::WRITE, 8192, 4096, &[0xab; 4096]);
+    assert_eq!(a.simple_reply(0).0, 0);
+    // Connection B flushes: the flush reaches the device (every row of its table, here an
+    // fdatasync of the file) and covers A's write, which B also reads back.
+    let mut b = Raw::connect(&socket);
+    b.go("file");
+    let others = d.io_stats().others;
+    b.request(CommandType::FLUSH, 0, 0, &[]);
+    assert_eq!(b.simple_reply(0).0, 0);
+    assert_eq!(
+        d.io_stats().others,
+        others + 1,
+        "the flush reached the device"
+    );
+    b.request(CommandType::READ, 8192, 4096, &[]);
+    assert_eq!(b.simple_reply(4096).1, vec![0xab; 4096]);
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert_eq!(&on_disk[8192..12288], &[0xab; 4096][..]);
+    // The other export of the same server is another device.
+    let mut c = Raw::connect(&socket);
+    c.go("mem");
+    c.request(CommandType::READ, 8192, 4096, &[]);
+    assert_eq!(c.simple_reply(4096).1, vec![0; 4096]);
+    if require("nbdinfo") {
+        let uri = format!("nbd+unix:///file?socket={}", socket.display());
+        let info = run("nbdinfo", &[&uri]);
+        assert!(info.contains("can_multi_conn: true"), "{info}");
+        let list = run(
+            "nbdinfo",
+            &[
+                "--list",
+                &format!("nbd+unix://?socket={}", socket.display()),
+            ],
+        );
+        assert!(
+            list.contains("export=\"file\"") && list.contains("export=\"mem\""),
+            "{list}"
+        );
+    }
+    drop((a, b, c));
+    server.shutdown();
+}
