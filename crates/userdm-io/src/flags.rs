@@ -162,6 +162,9 @@ mod tests {
     #[test]
     fn dm_user_bits_are_masked() {
         assert_eq!(IoFlags::from_dm_user(u64::MAX).bits(), 0x7ffff);
-        assert_eq!(format!("{:?}", IoFlags::FUA | IoFlags::SYNC), "IoFlags(sync|fua)");
+        assert_eq!(
+            format!("{:?}", IoFlags::FUA | IoFlags::SYNC),
+            "IoFlags(sync|fua)"
+        );
     }
 }

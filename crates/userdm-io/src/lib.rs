@@ -17,9 +17,9 @@ mod op;
 mod result;
 
 pub use errno::Errno;
-pub use result::{IoError, IoResult};
 pub use flags::IoFlags;
 pub use op::{IoOp, OpSet};
+pub use result::{IoError, IoResult};
 
 /// The size of a device-mapper sector, the unit of every table and every request.
 pub const SECTOR_SIZE: u64 = 512;
@@ -85,7 +85,12 @@ mod tests {
 
     #[test]
     fn header_end() {
-        let h = IoHeader { op: IoOp::Read, flags: IoFlags::empty(), sector: 10, len_bytes: 1024 };
+        let h = IoHeader {
+            op: IoOp::Read,
+            flags: IoFlags::empty(),
+            sector: 10,
+            len_bytes: 1024,
+        };
         assert_eq!(h.end_sector(), Some(12));
         assert_eq!(h.offset_bytes(), Some(5120));
     }

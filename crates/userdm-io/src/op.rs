@@ -177,7 +177,10 @@ impl OpSet {
     /// No operations.
     pub const EMPTY: OpSet = OpSet(0);
     /// READ, WRITE and FLUSH: what every data-carrying target must serve.
-    pub const RW_FLUSH: OpSet = OpSet::EMPTY.with(IoOp::Read).with(IoOp::Write).with(IoOp::Flush);
+    pub const RW_FLUSH: OpSet = OpSet::EMPTY
+        .with(IoOp::Read)
+        .with(IoOp::Write)
+        .with(IoOp::Flush);
     /// The usual set of a target that stores data: RW_FLUSH plus DISCARD and WRITE_ZEROES.
     pub const STORAGE: OpSet = OpSet::RW_FLUSH.with(IoOp::Discard).with(IoOp::WriteZeroes);
     /// Every operation.
