@@ -345,3 +345,75 @@ fn hostile_clients_around_starttls() {
     assert!(stats.handshakes_failed >= 3, "{stats:?}");
     server.shutdown();
 }
+
+/// The fuzz target `nbd_tls_handshake`'s harness on stable Rust: random scripts (and scripts
+/// that do send STARTTLS) never panic the TLS-aware handshake, whatever the policy.
+#[test]
+fn handshake_tls_survives_random_scripts() {
+    use proptest::prelude::*;
+    use userdm_nbd::export_info;
+    use userdm_nbd::handshake::{handshake_tls, ExportCatalogue, ExportInfo, HandshakeConfig};
+
+    struct Duplex {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+    impl std::io::Read for Duplex {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+    impl std::io::Write for Duplex {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    struct One(ExportInfo);
+    impl ExportCatalogue for One {
+        type Export = ();
+        fn exports(&self) -> Vec<ExportInfo> {
+            vec![self.0.clone()]
+        }
+        fn open(&self, name: &str) -> Option<(ExportInfo, ())> {
+            self.info(name).map(|i| (i, ()))
+        }
+    }
+
+    let scratch = Scratch::new("tls-prop");
+    if !require("openssl") {
+        return;
+    }
+    let pki = Pki::make(&scratch);
+    let mem = MemBackend::new(1 << 20);
+    let catalogue = One(export_info("disk", "", &mem));
+    let configs: Vec<HandshakeConfig> = [TlsMode::On, TlsMode::Require]
+        .into_iter()
+        .map(|mode| pki.config(mode, false).handshake)
+        .collect();
+    let option = |o: u32, data: &[u8]| {
+        let mut v = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
+        v.extend(o.to_be_bytes());
+        v.extend((data.len() as u32).to_be_bytes());
+        v.extend(data);
+        v
+    };
+    let ops = prop_oneof![
+        Just(option(5, &[])),
+        Just(option(7, b"\0\0\0\x04disk\0\0")),
+        Just(option(1, b"disk")),
+        Just(option(8, &[])),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    ];
+    proptest!(ProptestConfig::with_cases(300), |(pick in 0usize..2, parts in proptest::collection::vec(ops, 0..6))| {
+        let mut script = 3u32.to_be_bytes().to_vec();
+        for p in parts {
+            script.extend(p);
+        }
+        let mut stream = Duplex { input: std::io::Cursor::new(script), output: Vec::new() };
+        let _ = handshake_tls(&mut stream, &catalogue, &configs[pick]);
+        prop_assert!(stream.output.starts_with(b"NBDMAGIC"));
+    });
+}
