@@ -276,6 +276,12 @@ fn killing_the_c_daemon_mid_traffic_loses_nothing() {
     stop.store(true, Ordering::Relaxed);
     let (mut child, kills) = killer.join().unwrap();
     assert!(kills >= 1, "the daemon was never killed during the traffic");
+    // The last daemon's two threads connect on their own time; wait for both, or dropping the
+    // table below would race a thread that has not connected yet (and exits 1 for it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !table.status_lines()[0].contains("channels=2") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Everything written reads back, through the last daemon.
     let rt = Reactor::new(8).unwrap();
     for i in 0..512u64 {

@@ -65,7 +65,9 @@ static int read_all(int fd, void *buf, size_t len)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno == ENOTBLK)
+			/* ENOTBLK: a dm-user kernel removed the target. ECONNRESET: userdm closed the
+			 * channel while it still held bytes we had not read, which is its removal too. */
+			if (errno == ENOTBLK || errno == ECONNRESET)
 				return 0;
 			return -1;
 		}
