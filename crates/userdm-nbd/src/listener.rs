@@ -118,6 +118,10 @@ pub struct ServerStats {
     pub handshakes_failed: u64,
     /// Transmission phases that ended in a hard disconnect or an error.
     pub connections_failed: u64,
+    /// Connections that entered transmission with TLS.
+    pub tls: u64,
+    /// Connections that entered transmission with extended headers.
+    pub extended_headers: u64,
 }
 
 enum Listener {
@@ -141,6 +145,8 @@ struct Counters {
     refused: AtomicU64,
     handshakes_failed: AtomicU64,
     connections_failed: AtomicU64,
+    tls: AtomicU64,
+    extended_headers: AtomicU64,
 }
 
 /// What the acceptor and the connection threads share with the handle.
@@ -260,15 +266,17 @@ pub fn serve_stream<B: Backend>(
     exports: &Exports<B>,
     config: &ServerConfig,
 ) -> Result<(), ConnectionError> {
-    serve_one(stream, exports, &config.handshake, config)
+    serve_one(stream, exports, &config.handshake, config, |_, _| {})
 }
 
 /// Handshake (with TLS if negotiated), then transmission, on the calling thread.
+/// `entered(tls, extended)` is called when the connection enters transmission.
 fn serve_one<B: Backend>(
     mut stream: Stream,
     exports: &Exports<B>,
     handshake_config: &HandshakeConfig,
     config: &ServerConfig,
+    entered: impl FnOnce(bool, bool),
 ) -> Result<(), ConnectionError> {
     stream
         .set_timeouts(config.handshake_timeout)
@@ -276,6 +284,7 @@ fn serve_one<B: Backend>(
     let (negotiated, tls) = handshake_tls(&mut stream, exports, handshake_config)
         .map_err(ConnectionError::Handshake)?;
     stream.set_timeouts(None).map_err(ConnectionError::Io)?;
+    entered(tls.is_some(), negotiated.extended);
     match tls {
         None => serve_connection(stream, negotiated, config).map_err(ConnectionError::Serve),
         Some(conn) => {
@@ -400,7 +409,12 @@ fn connection<B: Backend>(
         shutting_down: Some(shared.stopping.clone()),
         ..config.handshake.clone()
     };
-    match serve_one(stream, exports, &handshake_config, config) {
+    let entered = |tls: bool, extended: bool| {
+        c.tls.fetch_add(u64::from(tls), Ordering::Relaxed);
+        c.extended_headers
+            .fetch_add(u64::from(extended), Ordering::Relaxed);
+    };
+    match serve_one(stream, exports, &handshake_config, config, entered) {
         Ok(()) => {}
         Err(ConnectionError::Io(_) | ConnectionError::Handshake(_)) => {
             c.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -443,6 +457,8 @@ impl NbdServer {
             refused: c.refused.load(Ordering::Relaxed),
             handshakes_failed: c.handshakes_failed.load(Ordering::Relaxed),
             connections_failed: c.connections_failed.load(Ordering::Relaxed),
+            tls: c.tls.load(Ordering::Relaxed),
+            extended_headers: c.extended_headers.load(Ordering::Relaxed),
         }
     }
 

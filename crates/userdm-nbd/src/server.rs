@@ -183,15 +183,6 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Reject> {
             "command flag not valid for this command",
         ));
     }
-    if req.command == C::WRITE
-        && l.style == HeaderStyle::Extended
-        && !flags.contains(CommandFlags::PAYLOAD_LEN)
-    {
-        return Err(reject(
-            NbdError::EINVAL,
-            "extended WRITE without PAYLOAD_LEN",
-        ));
-    }
     if writes && l.flags.contains(TransmissionFlags::READ_ONLY) {
         return Err(reject(NbdError::EPERM, "export is read-only"));
     }

@@ -346,3 +346,59 @@ fn tcp_listener_serves_real_clients() {
     assert!(std::fs::read(&back).unwrap() == data);
     server.shutdown();
 }
+
+/// qemu >= 8.2 negotiates extended headers (64-bit requests and replies). Debian bookworm's
+/// qemu 7.2 does not; `crates/userdm-nbd/scripts/fetch-new-qemu` unpacks bookworm-backports'
+/// qemu-utils into a cache directory, where this test finds it (or set USERDM_NEW_QEMU_BIN).
+#[test]
+fn extended_headers_with_new_qemu() {
+    let dir = std::env::var("USERDM_NEW_QEMU_BIN")
+        .unwrap_or_else(|_| "/var/cache/userdm-nbd/qemu-bpo/root/usr/bin".into());
+    let qemu_io = format!("{dir}/qemu-io");
+    let qemu_img = format!("{dir}/qemu-img");
+    if !std::path::Path::new(&qemu_io).is_file() {
+        println!(
+            "SKIP: no qemu >= 8.2 in {dir} (run crates/userdm-nbd/scripts/fetch-new-qemu, or set \
+             USERDM_NEW_QEMU_BIN)"
+        );
+        return;
+    }
+    let scratch = Scratch::new("qemu-ext");
+    let host = Host::start(&scratch);
+    let uri = host.uri("mem");
+    let out = run(
+        &qemu_io,
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "read -P 0x5a 0 1M",
+            "-c",
+            "write -z 2M 1M",
+            "-c",
+            "discard 4M 1M",
+            "-c",
+            "aio_write -P 0x11 8M 64k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "read -P 0x11 8M 64k",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    assert!(host.mem.snapshot(0, 1 << 20).iter().all(|&b| b == 0x5a));
+    let map = run(&qemu_img, &["map", "--output=json", "-f", "raw", &uri]);
+    assert!(
+        map.contains(r#""start": 0, "length": 1048576, "depth": 0, "present": true, "zero": false, "data": true"#),
+        "{map}"
+    );
+    assert!(
+        map.contains(r#""start": 8388608, "length": 65536"#),
+        "{map}"
+    );
+    let stats = host.server.as_ref().unwrap().stats();
+    assert!(stats.extended_headers >= 2, "{stats:?}");
+}

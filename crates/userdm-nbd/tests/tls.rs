@@ -259,6 +259,8 @@ fn on_mode_serves_both() {
     assert!(ok && out.contains("tls=True"), "{out}");
     let (ok, out) = nbdsh(&client_script(&socket, 0, &pki.dir.join("anon")));
     assert!(ok && out.contains("tls=False"), "{out}");
+    let stats = server.stats();
+    assert_eq!((stats.accepted, stats.tls), (2, 1), "{stats:?}");
     server.shutdown();
 }
 

@@ -311,12 +311,13 @@ impl Request {
 
     /// How many payload bytes follow this header on the wire.
     ///
-    /// Compact headers carry a payload only for WRITE. Extended headers carry one exactly when
-    /// `PAYLOAD_LEN` is set, whatever the command, so the server can skip a payload it did not
-    /// expect and stay in step with the client.
+    /// WRITE always carries its length in payload. With extended headers, any other command
+    /// carries one exactly when `PAYLOAD_LEN` is set, so the server can skip a payload it did
+    /// not expect and stay in step with the client. (`PAYLOAD_LEN` on a WRITE is allowed and
+    /// changes nothing: qemu >= 8.2 sends extended WRITEs without it.)
     pub fn payload_bytes(&self, style: HeaderStyle) -> u64 {
         match style {
-            HeaderStyle::Compact if self.command == CommandType::WRITE => self.length,
+            _ if self.command == CommandType::WRITE => self.length,
             HeaderStyle::Compact => 0,
             HeaderStyle::Extended if self.flags.contains(CommandFlags::PAYLOAD_LEN) => self.length,
             HeaderStyle::Extended => 0,
@@ -927,8 +928,13 @@ mod tests {
             command: CommandType::WRITE,
             ..req
         };
-        assert_eq!(write.payload_bytes(HeaderStyle::Extended), 0);
+        assert_eq!(write.payload_bytes(HeaderStyle::Extended), 12);
         assert_eq!(write.payload_bytes(HeaderStyle::Compact), 12);
+        let flagged = Request {
+            flags: CommandFlags::PAYLOAD_LEN,
+            ..write
+        };
+        assert_eq!(flagged.payload_bytes(HeaderStyle::Extended), 12);
     }
 
     #[test]
