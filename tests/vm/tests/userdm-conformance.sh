@@ -22,7 +22,7 @@ dm_cases_prepare
 echo "== oracle: dmsetup on the kernel's device-mapper"
 dm_cases_run dmsetup "$out/dmsetup" >/dev/null
 echo "== userdm: $USERDM_BIN"
-dm_cases_run "$USERDM_BIN" "$out/userdm" >/dev/null
+DM_CASES_CMD_TIMEOUT=60 dm_cases_run "$USERDM_BIN" "$out/userdm" >/dev/null
 
 pass=0 fail=0 failed=()
 for f in "$out/dmsetup/norm/"*.txt; do
