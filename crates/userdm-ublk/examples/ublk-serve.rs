@@ -18,7 +18,8 @@
 //!   --no-private-ns              stay in the caller's mount namespace
 //! ```
 //!
-//! SIGUSR1 re-reads the backing file's size and tells the kernel (UPDATE_SIZE).
+//! SIGUSR1 re-reads the backing file's size and tells the kernel (UPDATE_SIZE). SIGUSR2 stops
+//! and deletes the device unless it is in use ("busy: ..." and keep serving).
 //! On SIGTERM the server prints how many heap allocations the whole process made while the
 //! device was live ("allocations while serving: N"): with the null backend that is the
 //! frontend's own count, which tests check stays flat however many requests were served.
@@ -26,6 +27,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -33,7 +35,8 @@ use std::sync::{Arc, RwLock};
 use userdm_io::{Errno, IoFlags, IoHeader, IoOp, OpSet};
 use userdm_table::TargetLimits;
 use userdm_ublk::{
-    BlockDevice, Control, DeleteMode, UblkError, UblkHandle, UblkOptions, UblkServer,
+    BlockDevice, Control, DeleteMode, DirectTarget, UblkBackend, UblkError, UblkHandle,
+    UblkOptions, UblkServer,
 };
 use userdm_uring::Reactor;
 
@@ -156,6 +159,8 @@ impl BlockDevice for MemDisk {
     }
 }
 
+impl UblkBackend for MemDisk {}
+
 /// Reads nothing, stores nothing: the fastest possible backend, for benchmarks.
 struct NullDisk {
     size: u64,
@@ -179,6 +184,13 @@ impl BlockDevice for NullDisk {
     }
     async fn io(&self, _rt: &Reactor, _io: IoHeader, _buf: &mut [u8]) -> Result<(), Errno> {
         Ok(())
+    }
+}
+
+/// Like null_blk: data is never looked at, so with user copy nothing is copied at all.
+impl UblkBackend for NullDisk {
+    fn moves_data(&self) -> bool {
+        false
     }
 }
 
@@ -213,6 +225,20 @@ impl FileDisk {
         let size = self.file.metadata().map(|m| m.len() & !511).unwrap_or(0);
         self.size.store(size, Ordering::Release);
         size
+    }
+}
+
+/// Zero copy: every request maps to the same range of the file, which stays open.
+impl UblkBackend for FileDisk {
+    fn direct_target(&self, io: &IoHeader) -> Option<DirectTarget> {
+        let offset_bytes = io.offset_bytes()?;
+        if offset_bytes.checked_add(io.len_bytes)? > self.size_bytes() {
+            return None;
+        }
+        Some(DirectTarget {
+            fd: self.file.as_raw_fd(),
+            offset_bytes,
+        })
     }
 }
 
@@ -444,7 +470,7 @@ fn serve(args: Args) -> Result<(), String> {
     }
 }
 
-fn serve_with<B: BlockDevice>(
+fn serve_with<B: UblkBackend>(
     backend: Arc<B>,
     args: &Args,
     signals: libc::sigset_t,
@@ -487,10 +513,22 @@ fn wait_for_signal(
                 let allocations = ALLOCATIONS.load(Ordering::Relaxed) - allocations_at_start;
                 eprintln!("ublk-serve: allocations while serving: {allocations}");
                 eprintln!("ublk-serve: stopping device {}", handle.id());
-                let (requests, errors) = handle.request_counts();
-                eprintln!("ublk-serve: served {requests} requests, {errors} failed");
+                let (requests, errors, direct) = handle.request_counts();
+                eprintln!(
+                    "ublk-serve: served {requests} requests, {errors} failed, {direct} by zero copy"
+                );
                 return handle.stop().map_err(|e| e.to_string());
             }
+            libc::SIGUSR2 => match handle.try_stop() {
+                Ok(check) => {
+                    eprintln!("ublk-serve: stopped (busy check: {check:?})");
+                    return Ok(());
+                }
+                Err((e, back)) => {
+                    eprintln!("ublk-serve: not stopping: {e}");
+                    handle = back;
+                }
+            },
             libc::SIGUSR1 => {
                 if let Some(refresh) = &refresh_size {
                     let size = refresh();
@@ -513,7 +551,7 @@ fn wait_for_signal(
     }
 }
 
-/// Blocks SIGTERM, SIGINT and SIGUSR1 in this thread (and so in the queue threads it spawns),
+/// Blocks SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 in this thread (and so in the queue threads it spawns),
 /// to be taken with sigtimedwait.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a zeroed local set, then pthread_sigmask on it.
@@ -523,6 +561,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

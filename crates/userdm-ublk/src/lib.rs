@@ -1,10 +1,11 @@
-//! userdm's ublk export: any [`BlockDevice`] served as a real kernel block device,
+//! userdm's ublk export: any [`BlockDevice`] (through [`UblkBackend`], which
+//! `userdm_device::Device` implements) served as a real kernel block device,
 //! `/dev/ublkbN`, through the kernel's ublk driver (Linux 6.0+; see `docs` in the repository
 //! for which features need which kernel).
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! # fn demo<B: userdm_device::BlockDevice>(device: Arc<B>) -> Result<(), userdm_ublk::UblkError> {
+//! # fn demo<B: userdm_ublk::UblkBackend>(device: Arc<B>) -> Result<(), userdm_ublk::UblkError> {
 //! use userdm_ublk::{UblkOptions, UblkServer};
 //! let opts = UblkOptions { queues: 2, depth: 128, recovery: true, ..Default::default() };
 //! let handle = UblkServer::start(device, opts)?;
@@ -32,10 +33,13 @@
 //! * `need_get_data`: the same, WRITEs in two steps (`UBLK_F_NEED_GET_DATA`);
 //! * `user_copy` (6.5+): the queue thread copies with pread/pwrite on `/dev/ublkcN`;
 //! * `zero_copy` (6.16+): the device is created with `UBLK_F_AUTO_BUF_REG` (with the fallback
-//!   flag) and `UBLK_F_USER_COPY`. The kernel tries to register each request's pages as fixed
-//!   buffer `tag` of the queue's ring; since [`userdm_uring::Reactor`] does not expose its ring
-//!   for buffer-table registration yet, the registration falls back and the data moves by user
-//!   copy. The protocol path (FETCH/COMMIT carrying `ublk_auto_buf_reg`) is exercised.
+//!   flag) and `UBLK_F_USER_COPY`. Each queue thread then carries its ublk commands on a second,
+//!   private ring with a sparse buffer table (the kernel registers a request's pages there as
+//!   fixed buffer `tag`), driven from inside the reactor. A READ or WRITE whose backend names a
+//!   [`DirectTarget`] ([`UblkBackend::direct_target`]) moves by fixed-buffer IO between that
+//!   file and the request's pages: no copy through user memory. Everything else (other
+//!   backends, other operations, a registration that fell back) goes through
+//!   [`BlockDevice::io`] with user copy.
 //!
 //! # Lifecycle
 //!
@@ -45,6 +49,7 @@
 //! has it (7.0+) and otherwise looks for holders itself, and answers [`UblkError::Busy`].
 #![deny(missing_docs)]
 
+mod backend;
 mod ctrl;
 mod error;
 mod info;
@@ -52,7 +57,9 @@ mod os;
 mod params;
 mod queue;
 mod server;
+mod zc;
 
+pub use backend::{DirectTarget, UblkBackend};
 pub use ctrl::{Control, CONTROL_PATH};
 pub use error::UblkError;
 pub use info::{feature_info, DevInfo, DevState, FeatureInfo, Features, FEATURE_INFO};

@@ -24,12 +24,13 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, types};
-use userdm_device::BlockDevice;
 use userdm_io::{Errno, IoFlags, IoHeader, IoOp, SECTOR_SIZE};
 use userdm_ublk_sys as sys;
 use userdm_uring::Reactor;
 
+use crate::backend::{DirectTarget, UblkBackend};
 use crate::os::{self, Mapping};
+use crate::zc::{self, ZcRing};
 use crate::UblkError;
 
 /// How request data moves between the kernel and the server's buffers.
@@ -41,8 +42,9 @@ pub(crate) enum DataMode {
     NeedGetData,
     /// The server copies with pread/pwrite on `/dev/ublkcN` (`UBLK_F_USER_COPY`).
     UserCopy,
-    /// The kernel registers each request's pages as fixed buffer `tag` of the queue's ring
-    /// (`UBLK_F_AUTO_BUF_REG` with fallback); data still reaches backends that need bytes by user
+    /// Zero copy: the kernel registers each request's pages as fixed buffer `tag` of the
+    /// queue's command ring (`UBLK_F_AUTO_BUF_REG` with fallback). Requests with a
+    /// [`DirectTarget`] move by fixed-buffer IO on that ring; the rest reach the backend by user
     /// copy (the device is created with `UBLK_F_USER_COPY` too).
     AutoBufReg,
 }
@@ -79,20 +81,55 @@ pub(crate) struct QueueConfig {
     pub(crate) private_mount_ns: bool,
 }
 
-/// State every queue thread of a device shares with its handle.
+/// One queue's counters, written by its thread only (plain load and store, no atomic
+/// read-modify-write) and padded so queues never share a cache line.
+#[repr(align(128))]
 #[derive(Default)]
+pub(crate) struct QueueStats {
+    /// Requests served.
+    pub(crate) requests: AtomicU64,
+    /// Requests that failed at the backend.
+    pub(crate) errors: AtomicU64,
+    /// Requests served by zero-copy fixed-buffer IO.
+    pub(crate) direct: AtomicU64,
+}
+
+impl QueueStats {
+    fn bump(counter: &AtomicU64) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
+/// State every queue thread of a device shares with its handle.
 pub(crate) struct DeviceShared {
     /// Set when any tag failed for a reason other than the device going away.
     failed: AtomicBool,
     /// The first such failure, for messages.
     first_error: Mutex<Option<String>>,
-    /// Requests served, over all queues (for tests and stats).
-    pub(crate) requests: AtomicU64,
-    /// Requests that failed at the backend.
-    pub(crate) request_errors: AtomicU64,
+    /// Per-queue counters, indexed by queue id.
+    pub(crate) stats: Box<[QueueStats]>,
 }
 
 impl DeviceShared {
+    pub(crate) fn new(queues: u16) -> DeviceShared {
+        DeviceShared {
+            failed: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            stats: (0..queues).map(|_| QueueStats::default()).collect(),
+        }
+    }
+
+    /// Requests served, failed, and served zero-copy, over all queues.
+    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+        self.stats.iter().fold((0, 0, 0), |(r, e, d), s| {
+            (
+                r + s.requests.load(Ordering::Relaxed),
+                e + s.errors.load(Ordering::Relaxed),
+                d + s.direct.load(Ordering::Relaxed),
+            )
+        })
+    }
+
     pub(crate) fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
@@ -127,7 +164,7 @@ pub(crate) struct QueueExit {
 }
 
 /// The body of a queue thread. Reports setup success or failure on `ready` before serving.
-pub(crate) fn queue_main<B: BlockDevice>(
+pub(crate) fn queue_main<B: UblkBackend>(
     cfg: QueueConfig,
     cdev: Arc<File>,
     backend: Arc<B>,
@@ -148,6 +185,16 @@ pub(crate) fn queue_main<B: BlockDevice>(
     };
     for tag in 0..ctx.cfg.depth {
         ctx.rt.spawn(serve_tag(ctx.clone(), tag));
+    }
+    if ctx.zc.is_some() {
+        let q = ctx.clone();
+        ctx.rt.spawn(async move {
+            if let Some(zc) = &q.zc {
+                zc::drive(&q.rt, zc).await;
+            }
+            q.driver_done.set(true);
+            q.wake_all_done();
+        });
     }
     let _ = ready.send(Ok(()));
     drop(ready);
@@ -194,11 +241,13 @@ fn prepare_thread(cfg: &QueueConfig) {
 /// Drops the queue state, keeping the tag buffers mapped if any tag ended abnormally: the kernel
 /// may then still hold a buffer address, and unmapping it could let a later mapping at the same
 /// address be written by a late copy.
-fn drop_ctx<B: BlockDevice>(ctx: Rc<QueueCtx<B>>) {
+fn drop_ctx<B: UblkBackend>(ctx: Rc<QueueCtx<B>>) {
     let clean = ctx.failed.get() == 0;
     match Rc::try_unwrap(ctx) {
         Ok(ctx) => {
-            let QueueCtx { rt, bufs, .. } = ctx;
+            let QueueCtx { rt, zc, bufs, .. } = ctx;
+            // The command ring first: closing it cancels what the kernel still holds.
+            drop(zc);
             drop(rt);
             if clean {
                 drop(bufs);
@@ -221,13 +270,17 @@ struct QueueCtx<B> {
     iods: IoDescs,
     /// `depth` buffers of `max_io_bytes`, back to back; tag `t` owns the t-th.
     bufs: Mapping,
+    /// Zero-copy mode: the ring that carries the ublk commands and fixed-buffer IO.
+    zc: Option<ZcRing>,
+    /// Whether the zero-copy ring's driver task has ended (true when there is none).
+    driver_done: Cell<bool>,
     live_tags: Cell<u32>,
     aborted: Cell<u32>,
     failed: Cell<u32>,
     all_done: RefCell<Option<Waker>>,
 }
 
-impl<B: BlockDevice> QueueCtx<B> {
+impl<B: UblkBackend> QueueCtx<B> {
     fn new(
         cfg: QueueConfig,
         cdev: Arc<File>,
@@ -246,8 +299,17 @@ impl<B: BlockDevice> QueueCtx<B> {
         let entries = (u32::from(cfg.depth) * 2).clamp(64, 4096);
         let rt = Reactor::new(entries)
             .map_err(|e| queue_err(format!("cannot create the queue's ring: {e}")))?;
+        let zc = match cfg.mode {
+            DataMode::AutoBufReg => Some(
+                ZcRing::new(u32::from(cfg.depth) * 2, u32::from(cfg.depth))
+                    .map_err(|e| queue_err(format!("cannot create the zero-copy ring: {e}")))?,
+            ),
+            _ => None,
+        };
         Ok(QueueCtx {
             rt,
+            driver_done: Cell::new(zc.is_none()),
+            zc,
             live_tags: Cell::new(u32::from(cfg.depth)),
             cfg,
             cdev,
@@ -304,9 +366,17 @@ impl<B: BlockDevice> QueueCtx<B> {
             };
             entry = entry.addr(Some(sys::ublk_auto_buf_reg_to_sqe_addr(reg)));
         }
-        // SAFETY: the command names at most this tag's buffer, which lives in `bufs` until the
-        // thread ends (longer if a tag ended abnormally); the descriptor is held by `cdev`.
-        unsafe { self.rt.submit(entry.build()) }.await
+        let entry = entry.build();
+        match &self.zc {
+            // SAFETY: in zero-copy mode the command names no user memory (the buffer is the
+            // request's own pages, registered by the kernel); the descriptor is held by `cdev`;
+            // tag tasks await every operation to its end.
+            Some(zc) => unsafe { zc.submit(entry) }.await,
+            // SAFETY: the command names at most this tag's buffer, which lives in `bufs` until
+            // the thread ends (longer if a tag ended abnormally); the descriptor is held by
+            // `cdev`.
+            None => unsafe { self.rt.submit(entry) }.await,
+        }
     }
 
     /// Serves the request now in `tag`'s descriptor; returns the result to commit and the op.
@@ -331,22 +401,94 @@ impl<B: BlockDevice> QueueCtx<B> {
         };
         let carries_data = op.carries_write_data() || op.returns_data();
         let res = if carries_data {
-            self.serve_data(tag, header).await
+            match self.direct(iod.op_flags, &header) {
+                Some((zc, target)) => self.serve_direct(zc, tag, header, target).await,
+                None => self.serve_data(tag, header).await,
+            }
         } else {
             self.backend.io(&self.rt, header, &mut []).await
         };
-        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        let stats = self.shared.stats.get(usize::from(self.cfg.q_id));
+        if let Some(stats) = stats {
+            QueueStats::bump(&stats.requests);
+        }
         let result = match res {
             // A data request reports its bytes; a short READ would be retried by the kernel
             // and a zero-byte one turned into EIO, so always report all of them.
             Ok(()) if carries_data => len_bytes as i32,
             Ok(()) => 0,
             Err(e) => {
-                self.shared.request_errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(stats) = stats {
+                    QueueStats::bump(&stats.errors);
+                }
                 -e.get()
             }
         };
         (result, Some(op))
+    }
+
+    /// The zero-copy route for this request, if there is one: zero-copy mode, the kernel
+    /// registered the pages (no NEED_REG_BUF fallback), a READ or WRITE, and the backend names
+    /// where the data lives.
+    fn direct(&self, op_flags: u32, header: &IoHeader) -> Option<(&ZcRing, DirectTarget)> {
+        let zc = self.zc.as_ref()?;
+        if op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 {
+            return None;
+        }
+        if !matches!(header.op, IoOp::Read | IoOp::Write) {
+            return None;
+        }
+        self.backend.direct_target(header).map(|t| (zc, t))
+    }
+
+    /// Moves a request's data straight between its registered pages (fixed buffer `tag`) and
+    /// the backend's file, on the zero-copy ring.
+    async fn serve_direct(
+        &self,
+        zc: &ZcRing,
+        tag: u16,
+        header: IoHeader,
+        target: DirectTarget,
+    ) -> Result<(), Errno> {
+        let len = u32::try_from(header.len_bytes).map_err(|_| Errno::EINVAL)?;
+        let fd = types::Fd(target.fd);
+        let mut done = 0u32;
+        while done < len {
+            let offset = target.offset_bytes + u64::from(done);
+            // The address of a kernel-registered buffer is the offset into it.
+            let at = done as usize as *mut u8;
+            let entry = match header.op {
+                IoOp::Read => opcode::ReadFixed::new(fd, at, len - done, tag)
+                    .offset(offset)
+                    .build(),
+                _ => opcode::WriteFixed::new(fd, at, len - done, tag)
+                    .offset(offset)
+                    .build(),
+            };
+            // SAFETY: the entry names the request's registered pages (kernel memory, alive
+            // until this tag commits) and the backend's descriptor, which `direct_target`
+            // promises stays open; the operation is awaited to its end.
+            let res = unsafe { zc.submit(entry) }.await;
+            match u32::try_from(res) {
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => done += n,
+                Err(_) => return Err(Errno::from_neg(res)),
+            }
+        }
+        if header.op == IoOp::Write && header.flags.contains(IoFlags::FUA) {
+            let entry = opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            // SAFETY: names only the backend's descriptor.
+            let res = unsafe { zc.submit(entry) }.await;
+            if res < 0 {
+                return Err(Errno::from_neg(res));
+            }
+        }
+        if let Some(stats) = self.shared.stats.get(usize::from(self.cfg.q_id)) {
+            QueueStats::bump(&stats.direct);
+        }
+        Ok(())
     }
 
     async fn serve_data(&self, tag: u16, header: IoHeader) -> Result<(), Errno> {
@@ -359,7 +501,7 @@ impl<B: BlockDevice> QueueCtx<B> {
         // touches it only while this task is parked in `io_cmd` (before completion or after
         // commit), never while this slice exists.
         let buf = unsafe { std::slice::from_raw_parts_mut(self.buf_addr(tag) as *mut u8, len) };
-        let user_copy = self.cfg.mode.user_copy();
+        let user_copy = self.cfg.mode.user_copy() && self.backend.moves_data();
         if user_copy && header.op.carries_write_data() {
             self.copy_from_request(tag, buf)?;
         }
@@ -422,9 +564,16 @@ impl<B: BlockDevice> QueueCtx<B> {
         let left = self.live_tags.get().saturating_sub(1);
         self.live_tags.set(left);
         if left == 0 {
-            if let Some(waker) = self.all_done.borrow_mut().take() {
-                waker.wake();
+            if let Some(zc) = &self.zc {
+                zc.stop_driver();
             }
+            self.wake_all_done();
+        }
+    }
+
+    fn wake_all_done(&self) {
+        if let Some(waker) = self.all_done.borrow_mut().take() {
+            waker.wake();
         }
     }
 }
@@ -435,7 +584,7 @@ enum TagEnd {
 }
 
 /// One tag's whole life: FETCH, then serve and COMMIT_AND_FETCH until the device goes away.
-async fn serve_tag<B: BlockDevice>(q: Rc<QueueCtx<B>>, tag: u16) {
+async fn serve_tag<B: UblkBackend>(q: Rc<QueueCtx<B>>, tag: u16) {
     let mut cmd_op = sys::UBLK_U_IO_FETCH_REQ;
     let mut result = 0;
     let mut addr = q.fetch_addr(tag);
@@ -464,11 +613,11 @@ struct AllTagsDone<'a, B> {
     ctx: &'a QueueCtx<B>,
 }
 
-impl<B> Future for AllTagsDone<'_, B> {
+impl<B: UblkBackend> Future for AllTagsDone<'_, B> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.ctx.live_tags.get() == 0 {
+        if self.ctx.live_tags.get() == 0 && self.ctx.driver_done.get() {
             return Poll::Ready(());
         }
         *self.ctx.all_done.borrow_mut() = Some(cx.waker().clone());

@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use userdm_device::BlockDevice;
+
+use crate::backend::UblkBackend;
 use userdm_io::limits::{IO_BYTES_MAX, QUEUE_DEPTH_DEFAULT};
 use userdm_ublk_sys as sys;
 
@@ -194,7 +196,7 @@ impl UblkServer {
     /// Threads: the calling thread runs only control commands and returns; the queue threads
     /// belong to the returned handle, which joins them in [`UblkHandle::stop`] (or on drop).
     /// Counts one opener in on the backend ([`BlockDevice::open`]); stop counts it out.
-    pub fn start<B: BlockDevice>(
+    pub fn start<B: UblkBackend>(
         backend: Arc<B>,
         opts: UblkOptions,
     ) -> Result<UblkHandle, UblkError> {
@@ -264,7 +266,7 @@ impl UblkServer {
     /// (retried while the old server is still exiting), open `/dev/ublkcN`, queue threads,
     /// END_USER_RECOVERY. IO held while the device was quiesced then resumes; with REISSUE the
     /// requests the dead server had taken are sent again.
-    pub fn recover<B: BlockDevice>(
+    pub fn recover<B: UblkBackend>(
         id: u32,
         backend: Arc<B>,
         opts: UblkOptions,
@@ -393,7 +395,7 @@ impl std::fmt::Debug for UblkHandle {
 }
 
 impl UblkHandle {
-    fn new<B: BlockDevice>(
+    fn new<B: UblkBackend>(
         control: Control,
         info: DevInfo,
         cdev: Arc<File>,
@@ -407,14 +409,14 @@ impl UblkHandle {
             size_sectors: 0,
             cdev: Some(cdev),
             threads: Vec::new(),
-            shared: Arc::new(DeviceShared::default()),
+            shared: Arc::new(DeviceShared::new(info.queues)),
             backend: hooks,
             opened: false,
             done: false,
         }
     }
 
-    fn spawn_queues<B: BlockDevice>(
+    fn spawn_queues<B: UblkBackend>(
         &mut self,
         backend: &Arc<B>,
         opts: &UblkOptions,
@@ -512,13 +514,10 @@ impl UblkHandle {
         self.info
     }
 
-    /// Requests served so far, and how many of them failed at the backend.
-    pub fn request_counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.shared.requests.load(Relaxed),
-            self.shared.request_errors.load(Relaxed),
-        )
+    /// Requests served so far, how many of them failed at the backend, and how many moved
+    /// their data by zero copy.
+    pub fn request_counts(&self) -> (u64, u64, u64) {
+        self.shared.totals()
     }
 
     /// Whether every queue thread has ended: the device was stopped or quiesced from outside
@@ -576,6 +575,25 @@ impl UblkHandle {
         self.stop_inner()
     }
 
+    /// Stops and deletes the device unless it is in use (open, mounted, under another device),
+    /// in which case nothing changes and the handle comes back with [`UblkError::Busy`]. Never
+    /// waits for users to go away. The check is the kernel's TRY_STOP_DEV (7.0+) or, before,
+    /// a user-space scan (see [`BusyCheck`]); the answer says which.
+    #[allow(clippy::result_large_err)]
+    pub fn try_stop(mut self) -> Result<BusyCheck, (UblkError, UblkHandle)> {
+        if self.done {
+            return Ok(BusyCheck::None);
+        }
+        let info = self.info;
+        match stop_for_delete(&mut self.control, &info, DeleteMode::Safe) {
+            Ok(check) => {
+                self.done = true;
+                self.finish_stopped().map(|()| check).map_err(|e| (e, self))
+            }
+            Err(e) => Err((e, self)),
+        }
+    }
+
     /// Waits until the device is stopped from outside (see [`UblkHandle::is_finished`]), then
     /// releases it. Deleting is left to whoever stopped it.
     pub fn wait(mut self) -> Result<(), UblkError> {
@@ -598,10 +616,21 @@ impl UblkHandle {
             Ok(()) | Err(UblkError::NoDevice { .. }) => Ok(()),
             Err(e) => Err(e),
         };
+        if let Err(e) = stopped {
+            // The queue threads only end once the device stops: do not wait for them.
+            self.threads.clear();
+            self.close_backend();
+            return Err(e);
+        }
+        self.finish_stopped()
+    }
+
+    /// After STOP_DEV: joins the queues (their commands were aborted), releases the backend,
+    /// deletes the device.
+    fn finish_stopped(&mut self) -> Result<(), UblkError> {
         self.join_queues();
         self.close_backend();
-        stopped?;
-        match self.control.del_dev(id, Duration::from_secs(10)) {
+        match self.control.del_dev(self.info.id, Duration::from_secs(10)) {
             Ok(()) | Err(UblkError::NoDevice { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -850,6 +879,7 @@ mod tests {
                 Ok(())
             }
         }
+        impl UblkBackend for Nothing {}
         let opts = UblkOptions {
             control_path: "/nonexistent/ublk-control".into(),
             ..Default::default()

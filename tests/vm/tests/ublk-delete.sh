@@ -13,6 +13,12 @@ err=$(timeout 20 "$UBLK_SERVE" --delete "$ID" 2>&1) && fail "deleted a mounted d
 echo "$err"
 grep -q "is busy" <<<"$err" || fail "unclear busy error: $err"
 ok "mounted device reported busy"
+# The server's own safe stop (UblkHandle::try_stop) refuses too, and keeps serving.
+kill -USR2 "$SERVER_PID"
+for ((i = 0; i < 100; i++)); do grep -q "not stopping" "$WORK/busy.log" && break; sleep 0.1; done
+grep "not stopping" "$WORK/busy.log" || fail "try_stop did not report busy"
+kill -0 "$SERVER_PID" || fail "server exited on a refused stop"
+ls "$WORK/mnt" >/dev/null || fail "filesystem unusable after a refused stop"
 umount "$WORK/mnt"
 
 fio --name=bg --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
@@ -35,4 +41,11 @@ timeout 30 tail --pid="$SERVER_PID" -f /dev/null || fail "server did not exit af
 wait "$SERVER_PID" || fail "server exited with an error after an outside delete"
 [[ ! -e $DEV && ! -e /dev/ublkc$ID ]] || fail "device nodes remain"
 ok "forced delete under IO: fio failed (rc $rc), server exited, nodes gone"
+
+start_server idle --backend memory --size 16M
+kill -USR2 "$SERVER_PID"
+wait "$SERVER_PID" || fail "safe stop of an idle device failed: $(cat "$WORK/idle.log")"
+grep "stopped (busy check" "$WORK/idle.log"
+[[ ! -e $DEV && ! -e /dev/ublkc$ID ]] || fail "safe stop left device nodes"
+ok "safe stop of an unused device"
 echo PASS
