@@ -370,6 +370,10 @@ struct RecvBuf {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// How much one refill may read: all of `buf`, or just one request header while the
+    /// client sends large WRITEs, whose payloads are then received straight into tag buffers
+    /// instead of being copied out of the read-ahead.
+    fill_max: usize,
 }
 
 /// What a tag must do with a request.
@@ -660,6 +664,7 @@ impl<B: Backend> Conn<B> {
             buf: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
             start: 0,
             end: 0,
+            fill_max: RECV_BUFFER_BYTES,
         };
         let header = &mut header[..style.request_bytes()];
         // Payloads up to the larger of the advertised maximum and 32 MiB are received (or
@@ -677,6 +682,11 @@ impl<B: Backend> Conn<B> {
             if payload > payload_limit {
                 return Err(ServeError::PayloadTooLarge(payload));
             }
+            rb.fill_max = if payload >= (RECV_BUFFER_BYTES / 2) as u64 {
+                style.request_bytes()
+            } else {
+                RECV_BUFFER_BYTES
+            };
             let (index, mut buf) = self.free_tag().await;
             let mut action = match validate(&req, &self.limits) {
                 Ok(()) => Action::Execute,
@@ -726,7 +736,8 @@ impl<B: Backend> Conn<B> {
             return self.rt.recv_exact(self.fd, &mut dst[done..]).await.is_ok();
         }
         while done < dst.len() {
-            match self.rt.recv(self.fd, &mut rb.buf).await {
+            let fill = rb.fill_max.clamp(1, rb.buf.len());
+            match self.rt.recv(self.fd, &mut rb.buf[..fill]).await {
                 Ok(0) | Err(_) => return false,
                 Ok(got) => {
                     let n = got.min(dst.len() - done);

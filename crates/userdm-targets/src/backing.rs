@@ -41,6 +41,11 @@ pub(crate) struct Backing {
     kind: BackingKind,
     size_bytes: u64,
     limits: TargetLimits,
+    /// A regular file on tmpfs or ramfs: reads and writes are plain `pread`/`pwrite` on the
+    /// calling thread. They are memory copies that never wait for a device, and io_uring would
+    /// hand each of them to a kernel worker thread (these filesystems do not take non-blocking
+    /// buffered IO), which costs a thread switch per request.
+    in_memory: bool,
     /// The filesystem refused `PUNCH_HOLE`; remembered so that every discard does not ask again.
     punch_hole_refused: AtomicBool,
     /// The filesystem refused `ZERO_RANGE`.
@@ -91,12 +96,14 @@ impl Backing {
         } else {
             return Err(format!("'{path}' is not a regular file or a block device"));
         };
+        let in_memory = kind == BackingKind::File && crate::sys::is_memory_filesystem(&file);
         Ok(Arc::new(Backing {
             file,
             path: path.to_string(),
             kind,
             size_bytes,
             limits,
+            in_memory,
             punch_hole_refused: AtomicBool::new(false),
             zero_range_refused: AtomicBool::new(false),
         }))
@@ -183,12 +190,27 @@ impl Backing {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub(crate) async fn read(&self, rt: &Reactor, offset: u64, buf: &mut [u8]) -> IoResult {
+        if self.in_memory {
+            use std::os::unix::fs::FileExt;
+            return match self.file.read_exact_at(buf, offset) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Errno::EIO.into()),
+                Err(e) => Err(Errno::new(e.raw_os_error().unwrap_or(libc::EIO)).into()),
+            };
+        }
         Ok(rt.read_exact_at(&self.file, buf, offset).await?)
     }
 
     /// Writes `buf` at `offset`; with `fua`, the data is durable when this returns.
     pub(crate) async fn write(&self, rt: &Reactor, offset: u64, buf: &[u8], fua: bool) -> IoResult {
-        rt.write_all_at(&self.file, buf, offset).await?;
+        if self.in_memory {
+            use std::os::unix::fs::FileExt;
+            self.file
+                .write_all_at(buf, offset)
+                .map_err(|e| Errno::new(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        } else {
+            rt.write_all_at(&self.file, buf, offset).await?;
+        }
         if fua {
             rt.fsync(&self.file, true).await?;
         }
@@ -492,6 +514,34 @@ mod tests {
         };
         assert_eq!(m.allocation(0, 65536), Allocation::data(65536));
         assert_eq!(m.allocation(65536, 65536), Allocation::hole(65536));
+    }
+
+    #[test]
+    fn files_on_tmpfs_are_read_and_written_directly() {
+        let Ok(mut f) = tempfile::NamedTempFile::new_in("/dev/shm") else {
+            eprintln!("skipped: no /dev/shm");
+            return;
+        };
+        f.write_all(&[1u8; 8192]).unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let b = Backing::open(&TargetContext::new(), &path).unwrap();
+        assert!(b.in_memory);
+        let rt = Reactor::new(8).unwrap();
+        rt.block_on(b.write(&rt, 4096, &[2u8; 4096], true)).unwrap();
+        let mut back = vec![0u8; 8192];
+        rt.block_on(b.read(&rt, 0, &mut back)).unwrap();
+        assert!(back[..4096].iter().all(|&x| x == 1) && back[4096..].iter().all(|&x| x == 2));
+        // Past the end of the file: EIO, as through the ring.
+        let mut past = vec![0u8; 512];
+        assert_eq!(
+            rt.block_on(b.read(&rt, 8192, &mut past)),
+            Err(Errno::EIO.into())
+        );
+        assert_eq!(
+            rt.stats().ops_submitted,
+            2,
+            "only the eventfd read and the FUA fsync"
+        );
     }
 
     #[test]

@@ -45,6 +45,21 @@ pub(crate) fn physical_block_size(file: &File) -> io::Result<u32> {
     Ok(size)
 }
 
+/// Whether `file` lives on a filesystem held entirely in memory (tmpfs, ramfs), whose reads and
+/// writes never wait for a device.
+pub(crate) fn is_memory_filesystem(file: &File) -> bool {
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one `statfs` through the pointer, which points at a live, aligned
+    // struct on our stack for the duration of the call; the fd is open (borrowed from `file`).
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } < 0 {
+        return false;
+    }
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let kind = st.f_type as i64;
+    kind == libc::TMPFS_MAGIC as i64 || kind == RAMFS_MAGIC
+}
+
 /// Where `lseek(SEEK_DATA)` or `lseek(SEEK_HOLE)` from `offset` lands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Seek {
@@ -86,6 +101,19 @@ pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Seek> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_filesystems_are_recognised() {
+        let f = tempfile::tempfile().unwrap();
+        // The temporary directory may or may not be tmpfs; /dev/shm is tmpfs where it exists.
+        let _ = is_memory_filesystem(&f);
+        if let Ok(shm) = tempfile::tempfile_in("/dev/shm") {
+            assert!(is_memory_filesystem(&shm));
+        }
+        assert!(!is_memory_filesystem(
+            &File::open("/proc/self/stat").unwrap()
+        ));
+    }
 
     #[test]
     fn seek_data_and_hole_find_a_written_block() {
