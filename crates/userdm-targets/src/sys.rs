@@ -55,9 +55,8 @@ pub(crate) fn is_memory_filesystem(file: &File) -> bool {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } < 0 {
         return false;
     }
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    let kind = st.f_type as i64;
-    kind == libc::TMPFS_MAGIC as i64 || kind == RAMFS_MAGIC
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    st.f_type == libc::TMPFS_MAGIC || st.f_type == RAMFS_MAGIC
 }
 
 /// Where `lseek(SEEK_DATA)` or `lseek(SEEK_HOLE)` from `offset` lands.
