@@ -384,11 +384,18 @@ impl Session {
             output::sort_reports(&mut reports, spec).map_err(UsageError)?;
         }
         if columns {
+            // dmsetup's report without headings and without --separator joins fields with ':'
+            // (seen in the VM oracle, tests/vm/oracle/*/raw/info-columns.txt).
+            let separator = match (&a.separator, a.noheadings) {
+                (Some(s), _) => Some(s.as_str()),
+                (None, true) => Some(":"),
+                (None, false) => None,
+            };
             return print(&output::info_report(
                 &reports,
                 &fields,
                 !a.noheadings,
-                a.separator.as_deref(),
+                separator,
             ));
         }
         Ok(())
