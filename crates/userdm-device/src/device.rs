@@ -94,6 +94,8 @@ pub struct Device<T> {
     meta: Mutex<Meta<T>>,
     /// The live table; read once per request (an `Arc` clone), written by `resume`.
     live: RwLock<Option<Arc<Table<T>>>>,
+    /// Fixed at creation; kept outside `meta` so that writes do not all take one lock.
+    read_only: bool,
     gate: Gate,
     event_nr: Mutex<u32>,
     event_cv: Condvar,
@@ -124,6 +126,7 @@ impl<T: Target> Device<T> {
                 geometry: None,
             }),
             live: RwLock::new(None),
+            read_only,
             gate: Gate::new_open(),
             event_nr: Mutex::new(0),
             event_cv: Condvar::new(),
@@ -155,7 +158,7 @@ impl<T: Target> Device<T> {
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.meta.lock().read_only
+        self.read_only
     }
 
     /// The gate, for exports that want to observe suspension.
@@ -435,7 +438,7 @@ impl<T: Target> Device<T> {
     /// Waits while the device is suspended; a request a target gives back during a noflush
     /// suspend waits for resume and is resubmitted to the table live then.
     pub async fn io(&self, rt: &Reactor, io: IoHeader, buf: &mut [u8]) -> Result<(), Errno> {
-        if io.op.modifies() && self.meta.lock().read_only {
+        if io.op.modifies() && self.read_only {
             return self.fail(Errno::EROFS);
         }
         loop {
