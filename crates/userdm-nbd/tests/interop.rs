@@ -147,11 +147,16 @@ fn fio_randwrite_verifies() {
             &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
-            "--size=32m",
+            // Four connections (one per job), each verifying its own 8 MiB.
+            "--numjobs=4",
+            "--offset_increment=8m",
+            "--size=8m",
+            "--group_reporting",
             "--iodepth=32",
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
@@ -172,6 +177,7 @@ fn fio_randwrite_verifies() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ],
     );
 }
