@@ -24,6 +24,10 @@ def med(d, key):
     return statistics.median(d[key]) if key in d else None
 
 
+runs = [len(v) for v in iops.values()]
+complete = min(runs) == max(runs) == int(reps)
+
+
 def fmt(v):
     if v is None:
         return "-"
@@ -35,6 +39,11 @@ def ratio(a, b):
 
 
 print(f"# ublk benchmark, Linux {kernel}\n")
+if not complete:
+    print(
+        f"**Incomplete run**: the VM stopped early; medians are over {min(runs)} to "
+        f"{max(runs)} repetitions per cell ({len(rows)} runs in all).\n"
+    )
 print(
     f"fio io_uring, direct, {runtime}s runs after 1s ramp, median of {reps} interleaved "
     "repetitions, all devices live in the same VM boot (QEMU TCG, 2 vCPUs: emulated, so only "

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! SIGUSR1 re-reads the backing file's size and tells the kernel (UPDATE_SIZE). SIGUSR2 stops
-//! and deletes the device unless it is in use ("busy: ..." and keep serving).
+//! and deletes the device unless it is in use ("busy: ..." and keep serving). SIGHUP quiesces
+//! the device and exits, leaving it for `--recover` (a live upgrade; needs --recovery, 6.16+).
 //! On SIGTERM the server prints how many heap allocations the whole process made while the
 //! device was live ("allocations while serving: N"): with the null backend that is the
 //! frontend's own count, which tests check stays flat however many requests were served.
@@ -519,6 +520,27 @@ fn wait_for_signal(
                 );
                 return handle.stop().map_err(|e| e.to_string());
             }
+            libc::SIGHUP => {
+                if !handle
+                    .info()
+                    .flags
+                    .contains(userdm_ublk::sys::UBLK_F_QUIESCE)
+                {
+                    eprintln!(
+                        "ublk-serve: cannot quiesce: {}",
+                        UblkError::FeatureMissing {
+                            what: "quiescing a live device",
+                            flag: "UBLK_F_QUIESCE",
+                            since: "6.16",
+                        }
+                    );
+                    continue;
+                }
+                eprintln!("ublk-serve: quiescing device {} for recovery", handle.id());
+                return handle
+                    .quiesce(std::time::Duration::from_secs(10))
+                    .map_err(|e| e.to_string());
+            }
             libc::SIGUSR2 => match handle.try_stop() {
                 Ok(check) => {
                     eprintln!("ublk-serve: stopped (busy check: {check:?})");
@@ -551,7 +573,7 @@ fn wait_for_signal(
     }
 }
 
-/// Blocks SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 in this thread (and so in the queue threads it spawns),
+/// Blocks SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 in this thread (and so in the queue threads it spawns),
 /// to be taken with sigtimedwait.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a zeroed local set, then pthread_sigmask on it.
@@ -562,6 +584,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

@@ -682,7 +682,14 @@ pub fn list(control: &mut Control) -> Result<Vec<DevInfo>, UblkError> {
     ids.dedup();
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        match control.dev_info(id) {
+        // GET_DEV_INFO2 (6.3+) names the char device, as unprivileged devices need.
+        let info = match control.dev_info2(id) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                control.dev_info(id)
+            }
+            other => other,
+        };
+        match info {
             Ok(info) => out.push(info),
             // Removed since the directory was read.
             Err(UblkError::NoDevice { .. }) => {}
@@ -886,5 +893,17 @@ mod tests {
         };
         let err = UblkServer::start(Arc::new(Nothing), opts).unwrap_err();
         assert!(err.to_string().contains("modprobe ublk_drv"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod send_tests {
+    /// The control plane keeps handles in its own structures and may move them between threads.
+    #[test]
+    fn handles_and_controls_are_send() {
+        fn send<T: Send>() {}
+        send::<super::UblkHandle>();
+        send::<crate::Control>();
+        send::<crate::UblkError>();
     }
 }
