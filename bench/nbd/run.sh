@@ -86,6 +86,7 @@ csv=${out%.md}.csv
 mkdir -p "$(dirname "$out")"
 echo "server,job,conns,repeat,iops,bw_MiBps,lat_us_mean" >"$csv"
 started=$(date +%s)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq "$repeats"); do
     for j in "${jobs[@]}"; do
         job=${j%%|*} args=${j#*|}
@@ -109,9 +110,10 @@ EOF
     echo "repeat $r done after $(( $(date +%s) - started ))s"
 done
 
-python3 - "$csv" "$out" "$repeats" "$runtime" "$size" <<'EOF'
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$csv" "$out" "$repeats" "$runtime" "$size" "$load_before" "$load_after" <<'EOF'
 import csv, statistics, sys, subprocess, platform, os
-path, out, repeats, runtime, size = sys.argv[1:6]
+path, out, repeats, runtime, size, load_before, load_after = sys.argv[1:8]
 rows = list(csv.DictReader(open(path)))
 med = {}
 for key in {(r["server"], r["job"], r["conns"]) for r in rows}:
@@ -139,7 +141,9 @@ lines = [
     f"{ver(['nbdkit', '--version'])}; {ver(['qemu-nbd', '--version'])}; {ver(['fio', '--version'])} "
     "with its nbd engine (libnbd). Each cell is the median IOPS of the repeats "
     "(128k rows: IOPS x 128 KiB = throughput); every export was filled with data first, "
-    "files live on tmpfs (/dev/shm).",
+    "files live on tmpfs (/dev/shm). "
+    f"Load average (1, 5, 15 min) before the runs: {load_before}; after: {load_after} "
+    "(anything above ~1 is other work on this 2-vCPU machine, which adds noise).",
     "",
     "Servers: **userdm-mem** = `nbd-serve --memory` (the `memory` target through the device "
     "engine), **userdm-file** = `nbd-serve --file` (a `linear` row onto the file), "
@@ -173,7 +177,9 @@ if command -v gnuplot >/dev/null; then
     dat=${out%.md}.dat
     n=$(head -1 "$dat" | wc -w)
     gnuplot <<EOF
-set terminal pngcairo size 1400,600 noenhanced
+set terminal pngcairo size 1400,640 noenhanced
+set bmargin 8
+set rmargin 8
 set output "${out%.md}.png"
 set title "NBD over a Unix socket: median IOPS (fio nbd engine)"
 set style data histograms

@@ -278,6 +278,10 @@ fn upstream(
         if fed < got {
             let mut rd = &cipher[fed..got];
             let n = c.read_tls(&mut rd)?;
+            if n == 0 {
+                // rustls took nothing although bytes remain: never spin on it.
+                return Err(io::ErrorKind::InvalidData.into());
+            }
             fed += n;
             let state = c.process_new_packets();
             out.clear();
@@ -331,12 +335,21 @@ fn downstream(
         if n == 0 {
             return Ok(());
         }
-        let mut c = lock(conn);
-        c.writer().write_all(&plain[..n])?;
-        out.clear();
-        drain_tls(&mut c, &mut out)?;
-        let mut w = lock(writer);
-        drop(c);
-        w.write_all(&out)?;
+        // rustls takes plaintext up to its buffer limit; encrypt and send what it took, then
+        // the rest.
+        let mut at = 0;
+        while at < n {
+            let mut c = lock(conn);
+            let took = c.writer().write(&plain[at..n])?;
+            out.clear();
+            drain_tls(&mut c, &mut out)?;
+            if took == 0 && out.is_empty() {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let mut w = lock(writer);
+            drop(c);
+            w.write_all(&out)?;
+            at += took;
+        }
     }
 }
