@@ -6,7 +6,7 @@ use anyhow::Result;
 use userdm_control::proto::CreateConfig;
 use userdm_control::rundir::RunDir;
 use userdm_control::server::{detach, serve as serve_device, TableEvents};
-use userdm_targets::{AnyTarget, TargetContext, UserTargetContext};
+use userdm_targets::{AnyTarget, MemoryStores, TargetContext, UserTargetContext};
 
 use crate::cli::ServeArgs;
 
@@ -14,6 +14,8 @@ use crate::cli::ServeArgs;
 pub fn serve(args: ServeArgs) -> Result<()> {
     detach();
     let run = RunDir::new(args.run_dir);
+    // One registry for every table this device loads, so a reload keeps `memory` rows' data.
+    let memory_stores = Arc::new(MemoryStores::default());
     let make_ctx = |config: &CreateConfig, events: TableEvents| {
         // dm-user endpoints belong to the device's owner, so the daemon can run as that user.
         let mut user = UserTargetContext::default().with_device(config.name.clone());
@@ -23,6 +25,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         TargetContext::new()
             .with_read_only(config.read_only)
             .with_user(user)
+            .with_memory_stores(memory_stores.clone())
             .with_event_hook(Arc::new(move || events.raise()))
     };
     let exports = crate::exports::Exports;

@@ -821,8 +821,11 @@ fn nbd_fio_verify_across_suspend_and_reload() {
     let b = env.file("b.img", 16);
     let sock = env.path("f0.sock");
     // Rows map disjoint parts of the files: linear a[0, 8 MiB), striped a[8, 12 MiB) and
-    // b[4, 8 MiB).
-    let table = format!("0 16384 linear {a} 0\n16384 16384 striped 2 128 {a} 16384 {b} 8192\n");
+    // b[4, 8 MiB); then 8 MiB of RAM, which every reload must keep.
+    let table = format!(
+        "0 16384 linear {a} 0\n16384 16384 striped 2 128 {a} 16384 {b} 8192\n\
+         32768 16384 memory\n"
+    );
     std::fs::write(env.path("f0.table"), &table).unwrap();
     env.ok(&[
         "create",
@@ -839,7 +842,7 @@ fn nbd_fio_verify_across_suspend_and_reload() {
             &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
-            "--size=16m",
+            "--size=24m",
             "--iodepth=8",
             "--verify=crc32c",
             "--do_verify=1",

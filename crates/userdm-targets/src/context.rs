@@ -90,6 +90,9 @@ pub struct TargetContext {
     pub event_hook: Option<EventHook>,
     /// Where `user` rows put their endpoints, who owns them, and the device they belong to.
     pub user: UserTargetContext,
+    /// The device's `memory` rows, so that a reload keeps their contents; `None` makes every
+    /// `memory` row a fresh disk.
+    pub memory_stores: Option<Arc<crate::MemoryStores>>,
 }
 
 impl fmt::Debug for TargetContext {
@@ -100,6 +103,7 @@ impl fmt::Debug for TargetContext {
             .field("clock", &self.clock)
             .field("event_hook", &self.event_hook.as_ref().map(|_| "set"))
             .field("user", &self.user)
+            .field("memory_stores", &self.memory_stores.is_some())
             .finish()
     }
 }
@@ -112,6 +116,7 @@ impl Default for TargetContext {
             clock: Arc::new(MonotonicClock),
             event_hook: None,
             user: UserTargetContext::default(),
+            memory_stores: None,
         }
     }
 }
@@ -137,6 +142,12 @@ impl TargetContext {
     /// Sets the clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> TargetContext {
         self.clock = clock;
+        self
+    }
+
+    /// Sets the device's memory-row registry (one per device, shared by all its table loads).
+    pub fn with_memory_stores(mut self, stores: Arc<crate::MemoryStores>) -> TargetContext {
+        self.memory_stores = Some(stores);
         self
     }
 

@@ -69,7 +69,7 @@ pub use dust::Dust;
 pub use error::ErrorTarget;
 pub use flakey::Flakey;
 pub use linear::Linear;
-pub use memory::{Extent, Memory};
+pub use memory::{Extent, Memory, MemoryStores};
 pub use striped::Striped;
 pub use userdm_dmuser::{UserTarget, UserTargetContext};
 pub use zero::Zero;
@@ -147,7 +147,7 @@ pub enum AnyTarget {
     /// `dust`.
     Dust(Dust),
     /// `memory`.
-    Memory(Memory),
+    Memory(std::sync::Arc<Memory>),
     /// `user`: dm-user, served by a daemon (crate `userdm-dmuser`).
     User(UserTarget),
 }
@@ -179,7 +179,7 @@ impl Target for AnyTarget {
             "delay" => AnyTarget::Delay(Delay::construct(ctx, row)?),
             "flakey" => AnyTarget::Flakey(Flakey::construct(ctx, row)?),
             "dust" => AnyTarget::Dust(Dust::construct(ctx, row)?),
-            "memory" => AnyTarget::Memory(Memory::construct(row)?),
+            "memory" => AnyTarget::Memory(Memory::construct_shared(ctx, row)?),
             "user" => AnyTarget::User(UserTarget::construct(&ctx.user, row)?),
             other => {
                 return Err(TableError::UnknownTarget {

@@ -10,8 +10,11 @@
 //! the parts of partial ones. With `max_allocated_bytes`, a write that needs a chunk beyond the
 //! limit fails with ENOSPC.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 
 use userdm_io::{Errno, IoError, IoFlags, IoHeader, IoOp, IoResult, OpSet, SECTOR_SIZE};
 use userdm_table::{RowSpec, TableError};
@@ -58,7 +61,39 @@ pub struct Memory {
     leaves: Box<[OnceLock<Leaf>]>,
 }
 
+/// The `memory` rows of one device's tables, so that a reload keeps their contents.
+///
+/// A RAM disk that a table reload wiped would make `load` + `resume` destroy data, which no one
+/// expects of a mapping change: a new table's `memory` row at the same start, with the same
+/// length and options, takes over the storage of the row it replaces. Entries are weak, so
+/// storage is freed with the last table that uses it. One per device (in its
+/// [`crate::TargetContext`]); without one, every construction makes a fresh disk.
+#[derive(Debug, Default)]
+pub struct MemoryStores {
+    rows: Mutex<HashMap<(u64, u64, String), Weak<Memory>>>,
+}
+
 impl Memory {
+    /// Builds a row's RAM disk, reusing the storage of the same row in the device's live or
+    /// inactive table when the context carries [`MemoryStores`].
+    pub(crate) fn construct_shared(
+        ctx: &crate::TargetContext,
+        row: &RowSpec,
+    ) -> Result<Arc<Memory>, TableError> {
+        let Some(stores) = &ctx.memory_stores else {
+            return Ok(Arc::new(Memory::construct(row)?));
+        };
+        let key = (row.start, row.len, row.args().join(" "));
+        let mut rows = stores.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.retain(|_, weak| weak.strong_count() > 0);
+        if let Some(existing) = rows.get(&key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let memory = Arc::new(Memory::construct(row)?);
+        rows.insert(key, Arc::downgrade(&memory));
+        Ok(memory)
+    }
+
     pub(crate) fn construct(row: &RowSpec) -> Result<Memory, TableError> {
         let words = row.args();
         let mut args = ArgSet::new(&words);

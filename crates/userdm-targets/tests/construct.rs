@@ -540,3 +540,49 @@ fn user_rows_are_targets_too() {
     let e = Table::<AnyTarget>::parse(&ctx, "0 8 user 0 8\n").unwrap_err();
     assert!(e.to_string().starts_with("line 1: user: "), "{e}");
 }
+
+#[test]
+fn memory_rows_keep_their_contents_across_a_reload() {
+    use std::sync::Arc;
+    use userdm_io::{IoFlags, IoHeader, IoOp};
+    use userdm_targets::MemoryStores;
+    use userdm_uring::Reactor;
+    let ctx = TargetContext::new().with_memory_stores(Arc::new(MemoryStores::default()));
+    let rt = Reactor::new(8).unwrap();
+    let old = Table::<AnyTarget>::parse(&ctx, "0 8 zero\n8 64 memory\n").unwrap();
+    let mut data = vec![0x5au8; 4096];
+    let write = IoHeader {
+        op: IoOp::Write,
+        flags: IoFlags::empty(),
+        sector: 8,
+        len_bytes: 4096,
+    };
+    rt.block_on(old.io(&rt, write, &mut data)).unwrap();
+    // The reload is built while the old table is still live, as `load` does.
+    let new = Table::<AnyTarget>::parse(&ctx, "0 8 error\n8 64 memory\n").unwrap();
+    drop(old);
+    let mut back = vec![0u8; 4096];
+    let read = IoHeader {
+        op: IoOp::Read,
+        ..write
+    };
+    rt.block_on(new.io(&rt, read, &mut back)).unwrap();
+    assert!(
+        back == data,
+        "the memory row lost its contents across the reload"
+    );
+    // A row at another place, or of another size, is a new disk.
+    let moved = Table::<AnyTarget>::parse(&ctx, "0 16 memory\n16 56 zero\n").unwrap();
+    let mut other = vec![1u8; 4096];
+    let read0 = IoHeader { sector: 0, ..read };
+    rt.block_on(moved.io(&rt, read0, &mut other)).unwrap();
+    assert!(other.iter().all(|&b| b == 0));
+    // Without a registry, every memory row is fresh.
+    let plain = TargetContext::new();
+    let a = Table::<AnyTarget>::parse(&plain, "0 64 memory\n").unwrap();
+    rt.block_on(a.io(&rt, IoHeader { sector: 0, ..write }, &mut data))
+        .unwrap();
+    let b = Table::<AnyTarget>::parse(&plain, "0 64 memory\n").unwrap();
+    rt.block_on(b.io(&rt, read0, &mut other)).unwrap();
+    assert!(other.iter().all(|&b| b == 0));
+}
