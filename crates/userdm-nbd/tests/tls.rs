@@ -419,3 +419,48 @@ fn handshake_tls_survives_random_scripts() {
         prop_assert!(stream.output.starts_with(b"NBDMAGIC"));
     });
 }
+
+/// Shutting the server down with a TLS client connected drains and returns: the pump threads
+/// see the socket's end, the connection answers what is in flight, and every thread is joined.
+#[test]
+fn shutdown_with_a_tls_client_connected() {
+    let scratch = Scratch::new("tls-shutdown");
+    let Some(pki) = tools(&scratch) else { return };
+    let (server, socket, _) = server(&scratch, "s.sock", pki.config(TlsMode::Require, false));
+    let script = format!(
+        "import time\n\
+         h.set_tls(2)\n\
+         h.set_tls_certificates('{}')\n\
+         h.set_export_name('disk')\n\
+         h.connect_unix('{}')\n\
+         h.pwrite(b'q' * 4096, 0)\n\
+         print('connected', flush=True)\n\
+         time.sleep(30)\n",
+        pki.dir.join("anon").display(),
+        socket.display()
+    );
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut client = Command::new("nbdsh")
+        .env("PATH", format!("/usr/bin:/bin:{path}"))
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.stats().tls == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = std::time::Instant::now();
+    server.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    let _ = client.kill();
+    let _ = client.wait();
+}
