@@ -6,8 +6,11 @@
 //! - [`handshake`]: option negotiation over any blocking `Read + Write`, against an
 //!   [`ExportCatalogue`];
 //! - [`server`]: the transmission phase of one connection, against a [`Backend`];
-//! - [`listener`]: [`serve_unix`] / [`serve_tcp`], which accept, negotiate and serve, and stop
-//!   cleanly with [`NbdServer::shutdown`].
+//! - [`listener`]: [`serve_unix`] / [`serve_tcp`] / [`serve_listen_fds`] (systemd socket
+//!   activation), which accept, negotiate and serve, and stop cleanly with
+//!   [`NbdServer::shutdown`]; and [`serve_stream`], one client on an already-connected socket
+//!   (inetd style, e.g. standard input);
+//! - [`tls`]: STARTTLS with rustls (X.509; `off`/`on`/`require` as nbdkit's `--tls`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
