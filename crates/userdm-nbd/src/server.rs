@@ -11,8 +11,8 @@
 //! Replies leave through one **writer** task per connection: a tag frames its whole reply in its
 //! own buffer (each tag buffer has room for a reply header in front of its data, so a header and
 //! its data are contiguous), hands the buffer to the writer's queue in FIFO order
-//! ([`SendQueue`] turns), and waits for it to come back. The writer sends everything queued
-//! with one `sendmsg` (up to [`SEND_BATCH_MAX`] replies), so under load one syscall carries many
+//! (`SendQueue` turns), and waits for it to come back. The writer sends everything queued
+//! with one `sendmsg` (up to `SEND_BATCH_MAX` replies), so under load one syscall carries many
 //! replies; replies never interleave mid-message and are never copied.
 //!
 //! Every buffer is allocated when the connection starts; serving a request allocates nothing.

@@ -13,7 +13,7 @@
 //! connect.
 //!
 //! The transmission phase runs on io_uring against a plain socket, so a TLS connection is served
-//! through a socketpair: [`spawn_pump`] starts two threads that move records between the client's
+//! through a socketpair: `spawn_pump` starts two threads that move records between the client's
 //! socket and one end of the pair (decrypting one way, encrypting the other), and the server
 //! serves the other end exactly as it serves a plain connection. The kernel's TLS offload (kTLS)
 //! would remove the copies, but it is not built into every kernel (this project's development
