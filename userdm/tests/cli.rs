@@ -847,6 +847,8 @@ fn nbd_fio_verify_across_suspend_and_reload() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify state file in the crate directory (fio's default is the cwd).
+            "--verify_state_save=0",
             "--output-format=terse",
         ])
         .stdout(Stdio::piped())
