@@ -246,6 +246,11 @@ pub(crate) fn validate(req: &Request, l: &Limits) -> Result<(), Reject> {
 
 /// Replies one `sendmsg` carries at most.
 const SEND_BATCH_MAX: usize = 64;
+/// From this many bytes on, a batch is sent by a kernel worker (`IOSQE_ASYNC`): copying it into
+/// the socket then runs on another CPU while this connection's thread serves the next requests.
+/// With 128 KiB reads over four connections this doubled throughput on a 2-vCPU machine; below
+/// it the hand-off costs more than the copy.
+const SEND_OFFLOAD_BYTES: usize = 64 << 10;
 
 /// A tag's buffer: `PREFIX_BYTES` of header room, then `capacity` bytes of aligned data.
 struct TagBuf {
@@ -560,9 +565,11 @@ async fn writer_task<B: Backend>(conn: Rc<Conn<B>>) {
             for (slot, out) in iov.iter_mut().zip(batch.iter()) {
                 *slot = std::io::IoSlice::new(&out.buf.storage[out.range.clone()]);
             }
+            let bytes: usize = batch.iter().map(|out| out.range.len()).sum();
+            let offload = bytes >= SEND_OFFLOAD_BYTES;
             let sent = conn
                 .rt
-                .send_all_vectored(conn.fd, &mut iov[..batch.len()], false)
+                .send_all_vectored(conn.fd, &mut iov[..batch.len()], false, offload)
                 .await;
             if sent.is_err() {
                 conn.kill();
