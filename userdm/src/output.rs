@@ -443,6 +443,7 @@ mod tests {
             pid: 1,
             owner_uid: None,
             exports: vec![],
+            block_device: None,
             geometry: None,
             io: Default::default(),
         }

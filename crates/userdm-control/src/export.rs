@@ -23,12 +23,111 @@ pub enum ExportSpec {
     },
     /// `fuse:PATH`: the device as the regular file PATH, through a FUSE mount over it.
     Fuse(PathBuf),
+    /// `ublk[:OPTION,...]`: a kernel block device, `/dev/ublkbN`, through the ublk driver.
+    Ublk(UblkSpec),
+}
+
+/// How a device is served over ublk: `ublk:queues=N,depth=N,id=N,user-copy,zero-copy,recovery`
+/// (every option may be left out; the export picks one queue of depth 128 and a free id).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UblkSpec {
+    /// Hardware queues, one server thread each.
+    pub queues: Option<u16>,
+    /// Requests in flight per queue.
+    pub depth: Option<u16>,
+    /// The id to ask for: N in `/dev/ublkbN`.
+    pub id: Option<u32>,
+    /// Copy data with pread/pwrite on `/dev/ublkcN` (Linux 6.5+).
+    pub user_copy: bool,
+    /// Zero copy (Linux 6.16+).
+    pub zero_copy: bool,
+    /// Let the device outlive a crashed server, for `userdm recover`.
+    pub recovery: bool,
+    /// Take over the existing device with this id after its server died (set by `userdm
+    /// recover`, never written by hand).
+    pub recover: Option<u32>,
+}
+
+impl UblkSpec {
+    fn parse(options: &str) -> Result<UblkSpec, &'static str> {
+        let mut spec = UblkSpec::default();
+        for word in options.split(',').filter(|w| !w.is_empty()) {
+            let (key, value) = match word.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (word, None),
+            };
+            let number = |v: Option<&str>| v.and_then(|v| v.parse::<u32>().ok());
+            match (key, value) {
+                ("queues", v) => {
+                    spec.queues = Some(
+                        number(v)
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|&n| n > 0)
+                            .ok_or("queues= takes a number from 1")?,
+                    );
+                }
+                ("depth", v) => {
+                    spec.depth = Some(
+                        number(v)
+                            .and_then(|n| u16::try_from(n).ok())
+                            .filter(|&n| n > 0)
+                            .ok_or("depth= takes a number from 1")?,
+                    );
+                }
+                ("id", v) => spec.id = Some(number(v).ok_or("id= takes a number")?),
+                ("recover", v) => spec.recover = Some(number(v).ok_or("recover= takes an id")?),
+                ("user-copy", None) => spec.user_copy = true,
+                ("zero-copy", None) => spec.zero_copy = true,
+                ("recovery", None) => spec.recovery = true,
+                _ => {
+                    return Err(
+                        "unknown ublk option (use queues=N, depth=N, id=N, user-copy, \
+                                zero-copy or recovery)",
+                    )
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for UblkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut words = Vec::new();
+        if let Some(n) = self.queues {
+            words.push(format!("queues={n}"));
+        }
+        if let Some(n) = self.depth {
+            words.push(format!("depth={n}"));
+        }
+        if let Some(n) = self.id {
+            words.push(format!("id={n}"));
+        }
+        for (on, word) in [
+            (self.user_copy, "user-copy"),
+            (self.zero_copy, "zero-copy"),
+            (self.recovery, "recovery"),
+        ] {
+            if on {
+                words.push(word.to_string());
+            }
+        }
+        if let Some(n) = self.recover {
+            words.push(format!("recover={n}"));
+        }
+        if words.is_empty() {
+            f.write_str("ublk")
+        } else {
+            write!(f, "ublk:{}", words.join(","))
+        }
+    }
 }
 
 /// Why an export spec was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid export '{spec}': {problem}; expected nbd:unix:PATH, nbd:tcp:HOST:PORT or fuse:PATH"
+    "invalid export '{spec}': {problem}; expected ublk[:OPTIONS], nbd:unix:PATH, \
+     nbd:tcp:HOST:PORT or fuse:PATH"
 )]
 pub struct ExportSpecError {
     /// The spec given.
@@ -38,12 +137,18 @@ pub struct ExportSpecError {
 }
 
 impl ExportSpec {
-    /// Parses `nbd:unix:PATH`, `nbd:tcp:HOST:PORT` or `fuse:PATH`.
+    /// Parses `ublk[:OPTIONS]`, `nbd:unix:PATH`, `nbd:tcp:HOST:PORT` or `fuse:PATH`.
     pub fn parse(spec: &str) -> Result<ExportSpec, ExportSpecError> {
         let err = |problem| ExportSpecError {
             spec: spec.to_string(),
             problem,
         };
+        if spec == "ublk" {
+            return Ok(ExportSpec::Ublk(UblkSpec::default()));
+        }
+        if let Some(options) = spec.strip_prefix("ublk:") {
+            return UblkSpec::parse(options).map(ExportSpec::Ublk).map_err(err);
+        }
         let (kind, rest) = spec.split_once(':').ok_or_else(|| err("no export kind"))?;
         if kind == "fuse" {
             if rest.is_empty() {
@@ -52,7 +157,7 @@ impl ExportSpec {
             return Ok(ExportSpec::Fuse(PathBuf::from(rest)));
         }
         if kind != "nbd" {
-            return Err(err("unknown export kind (use nbd or fuse)"));
+            return Err(err("unknown export kind (use ublk, nbd or fuse)"));
         }
         let (transport, addr) = rest.split_once(':').ok_or_else(|| err("no transport"))?;
         match transport {
@@ -91,6 +196,7 @@ impl fmt::Display for ExportSpec {
             }
             ExportSpec::NbdTcp { host, port } => write!(f, "nbd:tcp:{host}:{port}"),
             ExportSpec::Fuse(p) => write!(f, "fuse:{}", p.display()),
+            ExportSpec::Ublk(u) => u.fmt(f),
         }
     }
 }
@@ -98,10 +204,46 @@ impl fmt::Display for ExportSpec {
 /// A running export. The server stops every export before its process exits.
 pub trait Export: Send {
     /// The device number the kernel gave the exported block device, if the export makes one
-    /// (ublk will: `ublkbN`'s major and minor). `None` for NBD over a socket, whose clients are
+    /// (ublk: `ublkbN`'s major and minor). `None` for NBD over a socket, whose clients are
     /// not kernel devices.
     fn device_number(&self) -> Option<(u32, u32)> {
         None
+    }
+
+    /// The kernel block device the export made, if any (`/dev/ublkbN`).
+    fn block_device(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// How many users the kernel block device has that userdm does not count itself: open
+    /// descriptors, mounts, devices stacked on it. A snapshot, for `info` and `remove`.
+    fn kernel_openers(&self) -> u32 {
+        0
+    }
+
+    /// A probe of [`Export::kernel_openers`] that another thread can poll (for a deferred
+    /// removal waiting for the kernel's users to go).
+    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+        None
+    }
+
+    /// Ends the export for a removal unless the kernel block device is in use, atomically
+    /// where the kernel can check (ublk's TRY_STOP_DEV). `Err` says who holds it; the export
+    /// then stays as it was.
+    fn release(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The id under which a new server can take this export over after this one dies (a
+    /// ublk device with recovery), if it can.
+    fn recoverable_id(&self) -> Option<u32> {
+        None
+    }
+
+    /// The device's size changed with a new live table: tell the kernel, where the export
+    /// has a kernel device. `Err` is a warning (the kernel cannot resize it).
+    fn resized(&mut self) -> Result<(), String> {
+        Ok(())
     }
 
     /// Where clients reach the export, in `--export` syntax, when it differs from the spec
@@ -219,6 +361,9 @@ mod tests {
             "nbd:tcp:localhost:1",
             "nbd:tcp:[::1]:10809",
             "fuse:/var/lib/disk.img",
+            "ublk",
+            "ublk:queues=2,depth=64,id=7,user-copy,zero-copy,recovery",
+            "ublk:recovery,recover=3",
         ] {
             assert_eq!(ExportSpec::parse(s).unwrap().to_string(), s);
         }
@@ -235,7 +380,11 @@ mod tests {
     fn bad_specs_say_why() {
         for (s, why) in [
             ("", "no export kind"),
-            ("ublk:0", "unknown export kind"),
+            ("ublk0", "unknown export kind"),
+            ("ublk:queues=0", "queues= takes"),
+            ("ublk:depth=x", "depth= takes"),
+            ("ublk:fast", "unknown ublk option"),
+            ("ublk:recovery=1", "unknown ublk option"),
             ("nbd", "no export kind"),
             ("nbd:unix:", "empty socket path"),
             ("nbd:tcp:host", "no port"),

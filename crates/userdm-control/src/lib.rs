@@ -71,4 +71,4 @@ pub mod rundir;
 pub mod server;
 
 pub use error::ControlError;
-pub use export::{DeviceHandle, Export, ExportFactory, ExportSpec, NoExports};
+pub use export::{DeviceHandle, Export, ExportFactory, ExportSpec, NoExports, UblkSpec};

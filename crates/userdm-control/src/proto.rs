@@ -144,6 +144,18 @@ pub enum Command {
     /// Counts this connection as an opener of the device until the client closes it. The server
     /// answers `Opened` at once and then holds the connection.
     Open,
+    /// Starts an export on the running device (`userdm export NAME SPEC`). Root only, as
+    /// `load`: an export opens, creates or mounts paths with the server's rights.
+    AddExport {
+        /// The export, in `--export` syntax.
+        spec: String,
+    },
+    /// Stops an export of the running device; its clients are disconnected. A kernel block
+    /// device in use is refused, as `remove` refuses it.
+    RemoveExport {
+        /// The export, as given or as `info` lists it.
+        spec: String,
+    },
     /// Stops the server at once, whatever the open count: exports stop, their clients are cut
     /// off, the run directory goes, the process exits. For administrators and tests; `remove`
     /// is the dmsetup way.
@@ -183,6 +195,8 @@ impl Command {
             Command::Deps { .. } => "deps",
             Command::WipeTable { .. } => "wipe_table",
             Command::Open => "open",
+            Command::AddExport { .. } => "export",
+            Command::RemoveExport { .. } => "export --remove",
             Command::Shutdown => "shutdown",
         }
     }
@@ -237,6 +251,8 @@ impl Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
+// One reply per control request, off the data path: boxing the report would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     /// Nothing to report.
     Done,
@@ -269,6 +285,16 @@ pub enum Reply {
     },
     /// The connection now counts as an opener.
     Opened,
+    /// An export started: where clients reach it.
+    Exported {
+        /// In `--export` syntax (a TCP port 0 resolved, a ublk device named).
+        address: String,
+    },
+    /// Done, with things the user should know (a kernel device that could not be resized).
+    Warnings {
+        /// One sentence each.
+        warnings: Vec<String>,
+    },
 }
 
 /// The facts behind `dmsetup info`, plus userdm's own.
@@ -286,7 +312,8 @@ pub struct DeviceReport {
     pub live_table: bool,
     /// Whether an inactive table is present.
     pub inactive_table: bool,
-    /// Openers: export connections and `Open` connections.
+    /// Openers: export connections, `Open` connections, and the kernel block device's users
+    /// (descriptors, mounts, stacked devices).
     pub open_count: i32,
     /// The event counter.
     pub event_nr: u32,
@@ -307,9 +334,13 @@ pub struct DeviceReport {
     /// Owner uid allowed to send commands besides root.
     #[serde(default)]
     pub owner_uid: Option<u32>,
-    /// The exports, as given to `--export`.
+    /// The exports, as given to `--export` (with the address a TCP port 0 or a ublk device
+    /// was given).
     #[serde(default)]
     pub exports: Vec<String>,
+    /// The kernel block device an export made (`/dev/ublkbN`).
+    #[serde(default)]
+    pub block_device: Option<PathBuf>,
     /// Geometry set with `setgeometry`.
     #[serde(default)]
     pub geometry: Option<GeometryReport>,

@@ -3,6 +3,9 @@
 //! ```text
 //! $USERDM_RUN_DIR (default /run/userdm)
 //! ├── lock                 flock(2)ed by create, rename and removal of stale entries
+//! ├── recovery/
+//! │   └── <ublk id>.json   how to rebuild a device whose ublk export outlives its server
+//! │                        (a CreateConfig; written by the server, read by `userdm recover`)
 //! └── devices/
 //!     └── <id>/            id = the lowest free integer, claimed with mkdir(2); the minor number
 //!         ├── control.sock the server's control socket, mode 0600 (owner: root or --uid/--gid)
@@ -25,7 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::client;
-use crate::proto::{Command, DeviceReport, Reply};
+use crate::proto::{Command, CreateConfig, DeviceReport, Reply};
 use crate::ControlError;
 
 /// The environment variable naming the run directory.
@@ -112,6 +115,27 @@ impl RunDir {
 
     fn devices_path(&self) -> PathBuf {
         self.root.join("devices")
+    }
+
+    /// Where the recovery record of ublk device `ublk_id` lives.
+    pub fn recovery_record(&self, ublk_id: u32) -> PathBuf {
+        self.root.join("recovery").join(format!("{ublk_id}.json"))
+    }
+
+    /// Reads the recovery record of ublk device `ublk_id`.
+    pub fn read_recovery_record(&self, ublk_id: u32) -> Result<CreateConfig, ControlError> {
+        let path = self.recovery_record(ublk_id);
+        let bytes = fs::read(&path).map_err(|source| ControlError::RunDir {
+            what: "cannot read the recovery record",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ControlError::Protocol(format!(
+                "recovery record {} is corrupt: {e}",
+                path.display()
+            ))
+        })
     }
 
     /// Creates the run directory and `devices/` if they are missing (mode 0755: owners named
@@ -454,6 +478,43 @@ impl DeviceDir {
                 source,
             }),
         }
+    }
+}
+
+/// The run directory `dir` belongs to.
+fn root_of(dir: &DeviceDir) -> Option<&Path> {
+    dir.path.parent()?.parent()
+}
+
+/// Writes the recovery record of ublk device `ublk_id` (atomically) next to `dir`'s run
+/// directory.
+pub(crate) fn write_recovery_record(
+    dir: &DeviceDir,
+    ublk_id: u32,
+    record: &CreateConfig,
+) -> Result<(), ControlError> {
+    let Some(root) = root_of(dir) else {
+        return Ok(());
+    };
+    let path = RunDir::new(root).recovery_record(ublk_id);
+    let parent = path.parent().unwrap_or(root);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|source| ControlError::RunDir {
+            what: "cannot create",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    let bytes = serde_json::to_vec(record).map_err(|e| ControlError::Encode(e.to_string()))?;
+    dir.write_atomic(&path, &bytes)
+}
+
+/// Removes the recovery record of ublk device `ublk_id`, if any.
+pub(crate) fn remove_recovery_record(dir: &DeviceDir, ublk_id: u32) {
+    if let Some(root) = root_of(dir) {
+        let _ = fs::remove_file(RunDir::new(root).recovery_record(ublk_id));
     }
 }
 

@@ -4,9 +4,9 @@
 use std::io::{BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -139,17 +139,51 @@ fn report_ready(stream: &UnixStream, result: Result<DeviceReport, String>) {
     }
 }
 
+/// Where the stable links to kernel block devices live: `/dev/userdm/NAME` →
+/// `/dev/ublkbN`. `USERDM_DEV_DIR` moves them (tests).
+pub fn dev_link_dir() -> PathBuf {
+    std::env::var_os("USERDM_DEV_DIR").map_or_else(|| PathBuf::from("/dev/userdm"), PathBuf::from)
+}
+
 /// A device's server: the device, the context its tables are built with, its exports and its
 /// control socket.
-pub struct Server<T: Target> {
+pub struct Server<'f, T: Target> {
     device: Arc<Device<T>>,
     ctx: T::Context,
     dir: DeviceDir,
     listener: UnixListener,
     exit: ExitSignal,
+    factory: &'f dyn ExportFactory<T>,
     exports: Vec<Box<dyn Export>>,
     export_specs: Vec<String>,
+    /// Exports that need a table to start (a kernel device needs a size): started at the
+    /// first resume that makes a table live.
+    pending: Vec<ExportSpec>,
+    /// What queries report of the exports; shared with the request threads.
+    facts: Arc<Mutex<ExportFacts>>,
+    /// `/dev/userdm/NAME`, while a kernel block device exists.
+    dev_link: Option<PathBuf>,
     owner_uid: Option<u32>,
+    /// How the device was created, kept for the recovery record.
+    config: CreateConfig,
+    /// The text (and working directory) of the inactive and the live table, for the
+    /// recovery record: a new server rebuilds the device from them.
+    inactive_text: Option<(String, Option<PathBuf>)>,
+    live_text: Option<(String, Option<PathBuf>)>,
+}
+
+/// The exports as queries see them. Kept apart from the exports themselves, which belong to
+/// the main thread.
+#[derive(Default)]
+struct ExportFacts {
+    device_number: Option<(u32, u32)>,
+    block_device: Option<PathBuf>,
+    exports: Vec<String>,
+    /// Counters of the kernel block devices' users (see [`Export::kernel_openers_probe`]).
+    probes: Vec<Box<dyn Fn() -> u32 + Send>>,
+    /// Whether the server holds one open on the device for the kernel's users, while a
+    /// deferred removal waits for them to go (not an opener of its own: reports leave it out).
+    kernel_hold: bool,
 }
 
 enum Flow {
@@ -157,15 +191,15 @@ enum Flow {
     Exit,
 }
 
-impl<T: Target + 'static> Server<T> {
+impl<'f, T: Target + 'static> Server<'f, T> {
     /// Brings the device up: creates it, loads and resumes its table, binds the control socket,
     /// records the pid and starts the exports. Errors are messages for the CLI to print.
     pub fn start(
         dir: DeviceDir,
         config: CreateConfig,
         make_ctx: &dyn Fn(&CreateConfig, TableEvents) -> T::Context,
-        factory: &dyn ExportFactory<T>,
-    ) -> Result<Server<T>, String> {
+        factory: &'f dyn ExportFactory<T>,
+    ) -> Result<Server<'f, T>, String> {
         let specs = config
             .exports
             .iter()
@@ -206,25 +240,126 @@ impl<T: Target + 'static> Server<T> {
             dir,
             listener,
             exit,
+            factory,
             exports: Vec::new(),
             export_specs: Vec::new(),
+            pending: Vec::new(),
+            facts: Arc::default(),
+            dev_link: None,
             owner_uid: config.uid,
+            live_text: config.table.clone().map(|t| (t, config.cwd.clone())),
+            inactive_text: None,
+            config,
         };
-        for spec in &specs {
-            let handle = DeviceHandle::new(server.device.clone(), server.exit.clone());
-            match factory.start(spec, handle) {
-                Ok(export) => {
-                    let address = export.address().unwrap_or_else(|| spec.to_string());
-                    server.exports.push(export);
-                    server.export_specs.push(address);
-                }
-                Err(e) => {
-                    server.stop_exports();
-                    return Err(e);
-                }
+        for spec in specs {
+            if matches!(spec, ExportSpec::Ublk(_)) && server.device.size_sectors() == 0 {
+                server.pending.push(spec);
+                continue;
+            }
+            if let Err(e) = server.start_export(&spec) {
+                server.stop_exports();
+                return Err(e);
             }
         }
+        server.write_recovery_record();
         Ok(server)
+    }
+
+    /// Records what a new server needs to take over the exports that outlive this one (a
+    /// ublk device with recovery): `RUN_DIR/recovery/ID.json`, read by `userdm recover`.
+    fn write_recovery_record(&self) {
+        for id in self.exports.iter().filter_map(|e| e.recoverable_id()) {
+            let (table, cwd) = self.live_text.clone().unzip();
+            let record = CreateConfig {
+                name: self.device.name(),
+                uuid: self.device.info().uuid,
+                table,
+                cwd: cwd.flatten(),
+                exports: self.export_specs_for_recovery(id),
+                ..self.config.clone()
+            };
+            if let Err(e) = crate::rundir::write_recovery_record(&self.dir, id, &record) {
+                eprintln!("userdm server: cannot write the recovery record of ublk {id}: {e}");
+            }
+        }
+    }
+
+    /// The original export specs, with the recoverable one told to take over device `id`.
+    fn export_specs_for_recovery(&self, id: u32) -> Vec<String> {
+        self.config
+            .exports
+            .iter()
+            .map(|s| match ExportSpec::parse(s) {
+                Ok(ExportSpec::Ublk(mut u)) if u.recovery => {
+                    u.recover = Some(id);
+                    u.id = Some(id);
+                    ExportSpec::Ublk(u).to_string()
+                }
+                _ => s.clone(),
+            })
+            .collect()
+    }
+
+    fn remove_recovery_records(&self) {
+        for id in self.exports.iter().filter_map(|e| e.recoverable_id()) {
+            crate::rundir::remove_recovery_record(&self.dir, id);
+        }
+    }
+
+    /// Starts one export and makes it known to queries (and `/dev/userdm/NAME`).
+    fn start_export(&mut self, spec: &ExportSpec) -> Result<(), String> {
+        let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
+        let export = self.factory.start(spec, handle)?;
+        let address = export.address().unwrap_or_else(|| spec.to_string());
+        self.exports.push(export);
+        self.export_specs.push(address);
+        self.refresh_facts();
+        Ok(())
+    }
+
+    /// Starts the exports that waited for a table, once there is one.
+    fn start_pending(&mut self) -> Result<(), String> {
+        if self.device.size_sectors() == 0 {
+            return Ok(());
+        }
+        for spec in std::mem::take(&mut self.pending) {
+            self.start_export(&spec)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes what queries report of the exports, and the link to the kernel device.
+    fn refresh_facts(&mut self) {
+        let block_device = self.exports.iter().find_map(|e| e.block_device());
+        {
+            let mut facts = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+            facts.device_number = self.exports.iter().find_map(|e| e.device_number());
+            facts.block_device.clone_from(&block_device);
+            facts.exports.clone_from(&self.export_specs);
+            facts.probes = self
+                .exports
+                .iter()
+                .filter_map(|e| e.kernel_openers_probe())
+                .collect();
+        }
+        match block_device {
+            Some(block) if self.dev_link.is_none() => {
+                self.dev_link = make_dev_link(&self.device.name(), &block);
+            }
+            None => self.remove_dev_link(),
+            Some(_) => {}
+        }
+    }
+
+    fn remove_dev_link(&mut self) {
+        if let Some(link) = self.dev_link.take() {
+            let _ = std::fs::remove_file(link);
+        }
+    }
+
+    /// Users of the exports' kernel block devices.
+    fn kernel_openers(&self) -> u32 {
+        self.exports.iter().map(|e| e.kernel_openers()).sum()
     }
 
     /// Serves control requests until the device is removed or the server shut down, then stops
@@ -280,6 +415,7 @@ impl<T: Target + 'static> Server<T> {
         // Exports drain their requests in flight before they stop; IO held by a suspend would
         // never drain, so let it through first.
         self.device.gate().open();
+        self.remove_recovery_records();
         self.stop_exports();
         if let Err(e) = self.dir.remove() {
             eprintln!("userdm server: {e}");
@@ -290,6 +426,8 @@ impl<T: Target + 'static> Server<T> {
         for mut e in self.exports.drain(..) {
             e.stop();
         }
+        self.export_specs.clear();
+        self.refresh_facts();
     }
 
     fn handle(
@@ -357,6 +495,11 @@ impl<T: Target + 'static> Server<T> {
                  server opens the table's files with root's rights",
                 self.device.name()
             )),
+            Command::AddExport { .. } => Err(format!(
+                "permission denied: only root may add an export to device {}, since its \
+                 server opens and mounts paths with root's rights",
+                self.device.name()
+            )),
             _ if owner => Ok(()),
             _ => Err(format!(
                 "permission denied: only root and the device's owner may send {} to device {}",
@@ -374,13 +517,14 @@ impl<T: Target + 'static> Server<T> {
             Command::Load { table, cwd } => self.load(&table, cwd.as_deref()),
             Command::Clear => {
                 device.clear();
+                self.inactive_text = None;
                 Ok(Reply::Done)
             }
             Command::Suspend { noflush, .. } => device
                 .suspend(noflush, Some(SUSPEND_TIMEOUT))
                 .map(|()| Reply::Done)
                 .map_err(device_error),
-            Command::Resume => device.resume().map(|()| Reply::Done).map_err(device_error),
+            Command::Resume => self.resume(),
             Command::Rename { new_name } => self.rename(&new_name),
             Command::SetUuid { uuid } => self.set_uuid(&uuid),
             Command::Remove { deferred, force } => {
@@ -390,7 +534,7 @@ impl<T: Target + 'static> Server<T> {
                         return Flow::Continue;
                     }
                 }
-                match self.device.remove(deferred) {
+                match self.remove(deferred) {
                     Ok(true) => {
                         eprintln!("userdm server: device {name} removed");
                         self.finish();
@@ -398,7 +542,7 @@ impl<T: Target + 'static> Server<T> {
                         return Flow::Exit;
                     }
                     Ok(false) => Ok(Reply::Removed { now: false }),
-                    Err(e) => Err(device_error(e)),
+                    Err(e) => Err(e),
                 }
             }
             Command::Message { sector, argv } => self.message(sector, &argv),
@@ -444,6 +588,8 @@ impl<T: Target + 'static> Server<T> {
                 self.hold_open(stream);
                 return Flow::Continue;
             }
+            Command::AddExport { spec } => self.add_export(&spec),
+            Command::RemoveExport { spec } => self.remove_export(&spec),
             Command::Shutdown => {
                 eprintln!("userdm server: device {name} shut down");
                 self.finish();
@@ -468,7 +614,196 @@ impl<T: Target + 'static> Server<T> {
         Flow::Continue
     }
 
-    fn load(&self, text: &str, cwd: Option<&Path>) -> Result<Reply, ErrorReply> {
+    /// Resumes the device; a new size goes to the kernel devices, and exports that waited for
+    /// a table start.
+    fn resume(&mut self) -> Result<Reply, ErrorReply> {
+        let before = self.device.size_sectors();
+        self.device.resume().map_err(device_error)?;
+        if let Some(text) = self.inactive_text.take() {
+            self.live_text = Some(text);
+        }
+        let mut warnings = Vec::new();
+        if self.device.size_sectors() != before {
+            for export in &mut self.exports {
+                if let Err(w) = export.resized() {
+                    warnings.push(w);
+                }
+            }
+        }
+        self.start_pending().map_err(|e| {
+            err(
+                ErrorKind::Device,
+                format!("the table is live, but an export failed to start: {e}"),
+            )
+        })?;
+        self.write_recovery_record();
+        if warnings.is_empty() {
+            Ok(Reply::Done)
+        } else {
+            for w in &warnings {
+                eprintln!("userdm server: {w}");
+            }
+            Ok(Reply::Warnings { warnings })
+        }
+    }
+
+    /// `userdm export NAME SPEC`: starts one more export.
+    fn add_export(&mut self, text: &str) -> Result<Reply, ErrorReply> {
+        let spec =
+            ExportSpec::parse(text).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
+        let wanted = spec.to_string();
+        if self.export_specs.contains(&wanted) || self.pending.contains(&spec) {
+            return Err(err(
+                ErrorKind::Device,
+                format!("device {} already has export {wanted}", self.device.name()),
+            ));
+        }
+        if matches!(spec, ExportSpec::Ublk(_)) && self.device.size_sectors() == 0 {
+            return Err(err(
+                ErrorKind::Device,
+                format!(
+                    "device {} has no live table: a kernel block device needs a size",
+                    self.device.name()
+                ),
+            ));
+        }
+        if matches!(spec, ExportSpec::Ublk(_))
+            && self.exports.iter().any(|e| e.block_device().is_some())
+        {
+            return Err(err(
+                ErrorKind::Device,
+                format!(
+                    "device {} already has a kernel block device",
+                    self.device.name()
+                ),
+            ));
+        }
+        self.start_export(&spec)
+            .map_err(|e| err(ErrorKind::Device, e))?;
+        self.config.exports.push(wanted);
+        self.write_recovery_record();
+        let address = self.export_specs.last().cloned().unwrap_or_default();
+        Ok(Reply::Exported { address })
+    }
+
+    /// `userdm export NAME --remove SPEC`: stops one export, named as given or as listed.
+    fn remove_export(&mut self, text: &str) -> Result<Reply, ErrorReply> {
+        let canonical = ExportSpec::parse(text).map(|s| s.to_string()).ok();
+        let found = self
+            .export_specs
+            .iter()
+            .position(|a| a == text || canonical.as_deref() == Some(a.as_str()));
+        let found = found.or_else(|| {
+            // Given as at create, listed under its real address (a TCP port 0, a ublk device).
+            let i = self
+                .config
+                .exports
+                .iter()
+                .position(|s| s == text || canonical.as_deref() == Some(s.as_str()))?;
+            (i < self.exports.len()).then_some(i)
+        });
+        let Some(i) = found else {
+            return Err(err(
+                ErrorKind::Device,
+                format!(
+                    "device {} has no export {text}; it has: {}",
+                    self.device.name(),
+                    if self.export_specs.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.export_specs.join(", ")
+                    }
+                ),
+            ));
+        };
+        let mut export = self.exports.remove(i);
+        let address = self.export_specs.remove(i);
+        if let Err(who) = export.release() {
+            self.exports.insert(i, export);
+            self.export_specs.insert(i, address);
+            return Err(err(
+                ErrorKind::Busy,
+                format!(
+                    "export {text} of device {} is busy: {who}",
+                    self.device.name()
+                ),
+            ));
+        }
+        if let Some(id) = export.recoverable_id() {
+            crate::rundir::remove_recovery_record(&self.dir, id);
+        }
+        export.stop();
+        if i < self.config.exports.len() {
+            self.config.exports.remove(i);
+        }
+        self.refresh_facts();
+        Ok(Reply::Done)
+    }
+
+    /// Removes the device now (`Ok(true)`), or at the last close with `deferred` (`Ok(false)`),
+    /// or refuses because it is open. Users of a kernel block device count as openers, as they
+    /// do in the kernel's device-mapper; a deferred removal holds one open for them until a
+    /// watcher sees the last one go.
+    fn remove(&mut self, deferred: bool) -> Result<bool, ErrorReply> {
+        let name = self.device.name();
+        let busy = |who: String| {
+            err(
+                ErrorKind::Busy,
+                format!("device {name} is busy: {who}; use --deferred to remove it on last close"),
+            )
+        };
+        if self.device.open_count() > 0 {
+            return self.device.remove(deferred).map_err(device_error);
+        }
+        let kernel = self.kernel_openers();
+        if kernel > 0 {
+            if !deferred {
+                return Err(busy(format!("its block device has {kernel} users")));
+            }
+            self.hold_for_kernel();
+            return self.device.remove(true).map_err(device_error);
+        }
+        // Nobody seen: end the kernel devices, atomically where the kernel can check.
+        for i in 0..self.exports.len() {
+            if let Err(who) = self.exports[i].release() {
+                if !deferred {
+                    return Err(busy(who));
+                }
+                self.hold_for_kernel();
+                return self.device.remove(true).map_err(device_error);
+            }
+        }
+        self.device.remove(deferred).map_err(device_error)
+    }
+
+    /// Holds one open on the device until the kernel block devices have no users left, then
+    /// closes it (the last close of a deferred removal ends the server).
+    fn hold_for_kernel(&mut self) {
+        {
+            let mut facts = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+            if facts.kernel_hold {
+                return;
+            }
+            facts.kernel_hold = true;
+        }
+        let probes: Vec<_> = self
+            .exports
+            .iter()
+            .filter_map(|e| e.kernel_openers_probe())
+            .collect();
+        let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
+        handle.open();
+        let facts = self.facts.clone();
+        std::thread::spawn(move || {
+            while probes.iter().map(|p| p()).sum::<u32>() > 0 && !handle.exiting() {
+                std::thread::sleep(KERNEL_USERS_POLL);
+            }
+            facts.lock().unwrap_or_else(|e| e.into_inner()).kernel_hold = false;
+            handle.close();
+        });
+    }
+
+    fn load(&mut self, text: &str, cwd: Option<&Path>) -> Result<Reply, ErrorReply> {
         if let Some(cwd) = cwd {
             std::env::set_current_dir(cwd).map_err(|e| {
                 err(
@@ -479,10 +814,11 @@ impl<T: Target + 'static> Server<T> {
         }
         let table = Table::<T>::parse(&self.ctx, text).map_err(table_error)?;
         self.device.load(table);
+        self.inactive_text = Some((text.to_string(), cwd.map(Path::to_path_buf)));
         Ok(Reply::Done)
     }
 
-    fn rename(&self, new_name: &str) -> Result<Reply, ErrorReply> {
+    fn rename(&mut self, new_name: &str) -> Result<Reply, ErrorReply> {
         let old = DeviceMeta {
             name: self.device.name(),
             uuid: self.device.info().uuid,
@@ -496,6 +832,17 @@ impl<T: Target + 'static> Server<T> {
         if let Err(e) = self.device.rename(new_name) {
             let _ = self.dir.write_meta(&old);
             return Err(device_error(e));
+        }
+        if let Some(link) = self.dev_link.take() {
+            let new_link = link.with_file_name(new_name);
+            match std::fs::rename(&link, &new_link) {
+                Ok(()) => self.dev_link = Some(new_link),
+                Err(e) => eprintln!(
+                    "userdm server: cannot move {} to {}: {e}",
+                    link.display(),
+                    new_link.display()
+                ),
+            }
         }
         Ok(Reply::Done)
     }
@@ -541,7 +888,7 @@ impl<T: Target + 'static> Server<T> {
     }
 
     /// Replaces the live table with one `error` row of the same size and makes it live.
-    fn wipe_table(&self, noflush: bool) -> Result<(), ErrorReply> {
+    fn wipe_table(&mut self, noflush: bool) -> Result<(), ErrorReply> {
         let size = self.device.size_sectors();
         let text = if size == 0 {
             String::new()
@@ -553,7 +900,10 @@ impl<T: Target + 'static> Server<T> {
             .suspend(noflush, Some(SUSPEND_TIMEOUT))
             .map_err(device_error)?;
         self.device.load(table);
-        self.device.resume().map_err(device_error)
+        self.device.resume().map_err(device_error)?;
+        self.live_text = Some((text, None));
+        self.write_recovery_record();
+        Ok(())
     }
 
     /// Counts the connection as an opener until the client closes it.
@@ -580,12 +930,8 @@ impl<T: Target + 'static> Server<T> {
     fn queries(&self) -> Queries<T> {
         Queries {
             device: self.device.clone(),
-            device_number: self
-                .exports
-                .iter()
-                .find_map(|e| e.device_number())
-                .unwrap_or((0, self.dir.id())),
-            exports: self.export_specs.clone(),
+            id: self.dir.id(),
+            facts: self.facts.clone(),
             owner_uid: self.owner_uid,
         }
     }
@@ -604,8 +950,9 @@ impl<T: Target + 'static> Server<T> {
 /// IO on the main thread (`ls` stays quick while a device suspends).
 struct Queries<T> {
     device: Arc<Device<T>>,
-    device_number: (u32, u32),
-    exports: Vec<String>,
+    /// The run directory's id: the minor number while no kernel device exists.
+    id: u32,
+    facts: Arc<Mutex<ExportFacts>>,
     owner_uid: Option<u32>,
 }
 
@@ -649,7 +996,11 @@ impl<T: Target + 'static> Queries<T> {
 
     fn report(&self) -> DeviceReport {
         let info = self.device.info();
-        let (major, minor) = self.device_number;
+        let facts = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let (major, minor) = facts.device_number.unwrap_or((0, self.id));
+        let kernel: u32 = facts.probes.iter().map(|p| p()).sum();
+        let open_count = info.open_count - i32::from(facts.kernel_hold)
+            + i32::try_from(kernel).unwrap_or(i32::MAX);
         DeviceReport {
             name: info.name,
             uuid: info.uuid,
@@ -657,7 +1008,7 @@ impl<T: Target + 'static> Queries<T> {
             read_only: info.read_only,
             live_table: info.live_table,
             inactive_table: info.inactive_table,
-            open_count: info.open_count,
+            open_count,
             event_nr: info.event_nr,
             target_count: info.target_count,
             deferred_remove: info.deferred_remove,
@@ -667,7 +1018,8 @@ impl<T: Target + 'static> Queries<T> {
             read_ahead: read_ahead_sectors(&rows(&self.device, false, false)),
             pid: std::process::id(),
             owner_uid: self.owner_uid,
-            exports: self.exports.clone(),
+            exports: facts.exports.clone(),
+            block_device: facts.block_device.clone(),
             io: {
                 let io = self.device.io_stats();
                 IoStatsReport {
@@ -838,6 +1190,29 @@ fn bind_control_socket(
     std::fs::rename(&tmp, &path)
         .map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
     Ok(listener)
+}
+
+/// How often a deferred removal looks whether the kernel block device's users have gone.
+const KERNEL_USERS_POLL: Duration = Duration::from_millis(100);
+
+/// Points `/dev/userdm/NAME` at `block`, replacing a stale link. `None` (and a note in the
+/// log) when that cannot be done: the device works without it.
+fn make_dev_link(name: &str, block: &Path) -> Option<PathBuf> {
+    let dir = dev_link_dir();
+    let link = dir.join(name);
+    let made = std::fs::create_dir_all(&dir).and_then(|()| {
+        if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&link)?;
+        }
+        std::os::unix::fs::symlink(block, &link)
+    });
+    match made {
+        Ok(()) => Some(link),
+        Err(e) => {
+            eprintln!("userdm server: cannot link {}: {e}", link.display());
+            None
+        }
+    }
 }
 
 /// How often a `wait` looks whether its client is still there.

@@ -63,7 +63,7 @@ pub use backend::{DirectTarget, UblkBackend};
 pub use ctrl::{Control, CONTROL_PATH};
 pub use error::UblkError;
 pub use info::{feature_info, DevInfo, DevState, FeatureInfo, Features, FEATURE_INFO};
-pub use os::enter_private_mount_namespace;
+pub use os::{enter_private_mount_namespace, BlockUsers};
 pub use params::{build_params, DeviceShape, DISCARD_BYTES_MAX};
 pub use server::{
     delete, features, list, BusyCheck, DeleteMode, UblkHandle, UblkOptions, UblkServer,
