@@ -86,13 +86,22 @@ pub enum Verb {
                       creates the device without one. A server process for the device is \
                       started in the background; the command returns once the device is live \
                       and its exports listen, or prints the server's error and fails, leaving \
-                      nothing behind.",
+                      nothing behind.
+
+Where the kernel has ublk (/dev/ublk-control), the device is served as the kernel block \
+device /dev/ublkbN unless --export names other exports or --no-ublk is given; create then \
+prints that path, and /dev/userdm/NAME links to it while it exists. `ublk:OPTIONS` takes \
+comma-separated queues=N (threads, default 1), depth=N (requests in flight per queue, \
+default 128), id=N (ask for /dev/ublkbN), user-copy, zero-copy (Linux 6.16+) and recovery \
+(the device outlives a crashed server; see `userdm recover`). A device created without a \
+table gets its ublk device at the first resume that makes a table live.",
         after_help = examples!(
             "userdm create t0 --table '0 2048 zero'",
             "userdm create t1 t1.table --uuid USERDM-t1 --export nbd:unix:/run/t1.sock",
             "userdm create t2 --table '0 8192 memory' --export nbd:tcp:127.0.0.1:10809",
             "echo '0 8 error' | userdm create t3 --readonly",
             "userdm create t4 --notable",
+            "dev=$(userdm create t5 --table '0 2097152 memory' --export ublk:queues=2)",
         )
     )]
     Create(CreateArgs),
@@ -291,6 +300,81 @@ pub enum Verb {
     )]
     WipeTable(WipeArgs),
 
+    /// Add, remove or list the exports of a running device.
+    #[command(
+        long_about = "With SPEC, start one more export of the running device NAME, in \
+                      --export syntax (ublk[:OPTIONS], nbd:unix:PATH, nbd:tcp:HOST:PORT, \
+                      fuse:PATH), and print where clients reach it. With --remove SPEC, stop \
+                      that export (as given or as listed): its clients are disconnected, and a \
+                      kernel block device still in use is refused as `remove` refuses it. With \
+                      neither, list the exports, one per line. Exports keep serving across \
+                      suspend, load and resume. Adding an export is for root only.",
+        after_help = examples!(
+            "userdm export t0 nbd:unix:/run/t0.sock",
+            "userdm export t0 nbd:tcp:127.0.0.1:0",
+            "userdm export t0 --remove nbd:unix:/run/t0.sock",
+            "userdm export t0 --json",
+        )
+    )]
+    Export(ExportArgs),
+
+    /// Add a ublk device, as ublksrv's `ublk add`.
+    #[command(
+        long_about = "Add a ublk device served by userdm, as ublksrv's `ublk add` does, and print \
+                      it as `list` does. It is an ordinary userdm device, named ublkN unless \
+                      --name is given, with a one-row table: `-t null` a zero row (reads give \
+                      zeros, writes are dropped; 250 GiB unless --size), `-t memory` a sparse \
+                      RAM disk of --size bytes, `-t loop -f FILE` a linear row over FILE (its \
+                      size unless --size). Every dmsetup verb works on it; `del` removes it. \
+                      Sizes take the suffixes K, M, G, T (powers of 1024).",
+        after_help = examples!(
+            "userdm add -t null",
+            "userdm add -t memory --size 1G -q 2 -d 128",
+            "userdm add -t loop -f disk.img -n 3 --recovery",
+            "userdm add -t loop -f disk.img --json",
+        )
+    )]
+    Add(AddArgs),
+
+    /// List ublk devices, as ublksrv's `ublk list`.
+    #[command(
+        long_about = "List the kernel's ublk devices in ublksrv's layout (`dev id N: \
+                      nr_hw_queues ...`, then max rq size, daemon pid, flags and state, then the \
+                      device numbers), with the userdm device that serves each. With -n, one \
+                      device.",
+        after_help = examples!("userdm list", "userdm list -n 0 --json")
+    )]
+    List(ListArgs),
+
+    /// Delete ublk devices, as ublksrv's `ublk del`.
+    #[command(
+        long_about = "Delete ublk device ID (-n) or every ublk device (-a). A device served by \
+                      userdm is removed as `remove` does: refused while it is open or mounted. \
+                      A device left behind by a dead server is deleted through the driver.",
+        after_help = examples!("userdm del -n 0", "userdm del -a")
+    )]
+    Del(DelArgs),
+
+    /// Take over a ublk device whose server died, as ublksrv's `ublk recover`.
+    #[command(
+        long_about = "Start a new server for ublk device ID, which was added or created with \
+                      recovery and whose server died (the device is QUIESCED: IO waits). The \
+                      new server rebuilds the userdm device from the record the old one kept \
+                      (name, table, options) and IO resumes; requests the dead server had \
+                      taken are sent again. Rows over files and block devices keep their data; \
+                      a memory row comes back empty.",
+        after_help = examples!("userdm recover -n 0")
+    )]
+    Recover(RecoverArgs),
+
+    /// Show what the kernel's ublk driver offers.
+    #[command(
+        long_about = "Show the ublk driver's feature flags (GET_FEATURES), each with what it \
+                      does, and the ones it lacks with the first Linux version that has them.",
+        after_help = examples!("userdm features", "userdm features --json")
+    )]
+    Features,
+
     /// Run a device's server (started by `create`; not for direct use).
     #[command(name = "__serve", hide = true)]
     Serve(ServeArgs),
@@ -329,9 +413,14 @@ pub struct CreateArgs {
     #[arg(short = 'r', long)]
     pub readonly: bool,
 
-    /// Export the device: nbd:unix:PATH or nbd:tcp:HOST:PORT. May be repeated.
+    /// Export the device: ublk[:OPTIONS], nbd:unix:PATH, nbd:tcp:HOST:PORT or fuse:PATH. May
+    /// be repeated. Without it, the device is served over ublk where the kernel has ublk.
     #[arg(long, value_name = "SPEC", value_parser = parse_export)]
     pub export: Vec<ExportSpec>,
+
+    /// Do not serve the device over ublk by default.
+    #[arg(long, conflicts_with = "export")]
+    pub no_ublk: bool,
 
     /// Owner uid allowed to control the device besides root; its control socket is chowned.
     #[arg(short = 'U', long)]
@@ -340,6 +429,147 @@ pub struct CreateArgs {
     /// Group of the device's control socket.
     #[arg(short = 'G', long)]
     pub gid: Option<u32>,
+}
+
+/// `export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The device.
+    pub name: String,
+
+    /// The export to start.
+    #[arg(value_name = "SPEC", value_parser = parse_export, conflicts_with = "remove")]
+    pub spec: Option<ExportSpec>,
+
+    /// Stop this export.
+    #[arg(long, value_name = "SPEC")]
+    pub remove: Option<String>,
+}
+
+/// `add`'s targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddTarget {
+    /// Reads give zeros, writes are dropped.
+    Null,
+    /// A sparse RAM disk.
+    Memory,
+    /// A file or block device.
+    Loop,
+}
+
+impl AddTarget {
+    /// The name `-t` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            AddTarget::Null => "null",
+            AddTarget::Memory => "memory",
+            AddTarget::Loop => "loop",
+        }
+    }
+}
+
+/// `add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The target: null, memory or loop.
+    #[arg(short = 't', long = "type", value_enum)]
+    pub target: AddTarget,
+
+    /// The backing file or block device of a loop device.
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+
+    /// The device's size in bytes (suffixes K, M, G, T).
+    #[arg(short = 's', long, value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Hardware queues (one server thread each).
+    #[arg(short = 'q', long)]
+    pub queues: Option<u16>,
+
+    /// Requests in flight per queue.
+    #[arg(short = 'd', long)]
+    pub depth: Option<u16>,
+
+    /// The device id: N in /dev/ublkbN (default: the lowest free one).
+    #[arg(short = 'n', long)]
+    pub number: Option<u32>,
+
+    /// The userdm device's name (default ublkN).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Let the device outlive a crashed server, for `recover`.
+    #[arg(short = 'r', long)]
+    pub recovery: bool,
+
+    /// Copy data with pread/pwrite on /dev/ublkcN (Linux 6.5+).
+    #[arg(short = 'u', long)]
+    pub user_copy: bool,
+
+    /// Zero copy (Linux 6.16+).
+    #[arg(short = 'z', long)]
+    pub zero_copy: bool,
+
+    /// Make the device read-only.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Stay until the device is deleted (the server itself runs in the background either
+    /// way; ^C ends only this command).
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only device ID.
+    #[arg(short = 'n', long)]
+    pub number: Option<u32>,
+}
+
+/// `del`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["number", "all"])))]
+pub struct DelArgs {
+    /// The device id.
+    #[arg(short = 'n', long)]
+    pub number: Option<u32>,
+
+    /// Every ublk device.
+    #[arg(short = 'a', long)]
+    pub all: bool,
+}
+
+/// `recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The device id.
+    #[arg(short = 'n', long)]
+    pub number: u32,
+}
+
+/// Bytes, with an optional K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in '{s}' (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': expected a number with K, M, G or T"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn parse_export(s: &str) -> Result<ExportSpec, String> {
@@ -611,6 +841,19 @@ mod tests {
     #[test]
     fn definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("1X").unwrap_err().contains("suffix"));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

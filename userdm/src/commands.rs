@@ -4,12 +4,12 @@ use std::io::{IsTerminal, Read, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use userdm_control::client;
 use userdm_control::launch::launch;
 use userdm_control::proto::{
     Command, CreateConfig, DepReport, DeviceReport, Reply, RowReport, PROTOCOL_VERSION,
 };
 use userdm_control::rundir::{Found, RunDir, RunLock};
+use userdm_control::{client, ExportSpec};
 use userdm_table::{Target, TargetType};
 use userdm_targets::AnyTarget;
 
@@ -19,9 +19,9 @@ use crate::{output, BrokenPipe, UsageError};
 /// userdm's version, shown where dmsetup shows libdevmapper's and the kernel driver's.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-struct Session {
-    run: RunDir,
-    json: bool,
+pub(crate) struct Session {
+    pub(crate) run: RunDir,
+    pub(crate) json: bool,
     verbose: u8,
 }
 
@@ -72,10 +72,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Verb::WipeTable(a) => s.each(&a.names, || Command::WipeTable {
             noflush: a.noflush || a.force,
         }),
+        Verb::Export(a) => s.export(&a),
+        Verb::Add(a) => s.add(a),
+        Verb::List(a) => s.list(a.number),
+        Verb::Del(a) => s.del(&a),
+        Verb::Recover(a) => s.recover(&a),
+        Verb::Features => s.features(),
     }
 }
 
-fn print(text: &str) -> Result<()> {
+pub(crate) fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
@@ -84,7 +90,7 @@ fn print(text: &str) -> Result<()> {
     }
 }
 
-fn print_json<V: Serialize>(value: &V) -> Result<()> {
+pub(crate) fn print_json<V: Serialize>(value: &V) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
     text.push('\n');
     print(&text)
@@ -93,6 +99,20 @@ fn print_json<V: Serialize>(value: &V) -> Result<()> {
 fn warn(warnings: &[String]) {
     for w in warnings {
         eprintln!("userdm: warning: {w}");
+    }
+}
+
+/// The exports of a new device: those named, else ublk where the kernel has it (and
+/// `--no-ublk` was not given), else none (the device is then reached through `export` later,
+/// or not at all).
+fn create_exports(named: &[ExportSpec], no_ublk: bool) -> Vec<ExportSpec> {
+    if !named.is_empty() || no_ublk {
+        return named.to_vec();
+    }
+    if crate::exports::ublk_control_path().exists() {
+        vec![ExportSpec::Ublk(Default::default())]
+    } else {
+        Vec::new()
     }
 }
 
@@ -130,7 +150,7 @@ impl Session {
         found?.ok_or_else(|| anyhow!("device {name} does not exist"))
     }
 
-    fn all(&self, lock: Option<&RunLock>) -> Result<Vec<Found>> {
+    pub(crate) fn all(&self, lock: Option<&RunLock>) -> Result<Vec<Found>> {
         let scan = self.run.scan(lock)?;
         warn(&scan.warnings);
         let mut devices = scan.devices;
@@ -157,8 +177,16 @@ impl Session {
 
     fn call(&self, found: &Found, command: Command) -> Result<Reply> {
         let verb = command.name();
-        client::call(&found.dir.socket(), &found.info.name, command)
-            .map_err(|e| anyhow!(e).context(format!("{verb} {}", found.info.name)))
+        let reply = client::call(&found.dir.socket(), &found.info.name, command)
+            .map_err(|e| anyhow!(e).context(format!("{verb} {}", found.info.name)))?;
+        if let Reply::Warnings { warnings } = &reply {
+            let named: Vec<String> = warnings
+                .iter()
+                .map(|w| format!("{verb} {}: {w}", found.info.name))
+                .collect();
+            warn(&named);
+        }
+        Ok(reply)
     }
 
     fn simple(&self, name: &str, command: Command) -> Result<()> {
@@ -203,13 +231,50 @@ impl Session {
             read_only: a.readonly,
             table,
             cwd,
-            exports: a.export.iter().map(ToString::to_string).collect(),
+            exports: create_exports(&a.export, a.no_ublk)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             uid: a.uid,
             gid: a.gid,
         };
-        launch(&self.run, &lock, &exe, &config)
+        let (_, report) = launch(&self.run, &lock, &exe, &config)
             .map_err(|e| anyhow!(e).context(format!("create {}", a.name)))?;
+        // The one line a script needs: where the kernel block device is.
+        if let Some(block) = report.block_device {
+            print(&format!("{}\n", block.display()))?;
+        }
         Ok(())
+    }
+
+    fn export(&self, a: &crate::cli::ExportArgs) -> Result<()> {
+        let found = self.find(&a.name, None)?;
+        if let Some(spec) = &a.spec {
+            let command = Command::AddExport {
+                spec: spec.to_string(),
+            };
+            if let Reply::Exported { address } = self.call(&found, command)? {
+                print(&format!("{address}\n"))?;
+            }
+            return Ok(());
+        }
+        if let Some(spec) = &a.remove {
+            self.call(&found, Command::RemoveExport { spec: spec.clone() })?;
+            return Ok(());
+        }
+        let Reply::Info(info) = self.call(&found, Command::Info)? else {
+            bail!("export {}: the server sent no info", a.name);
+        };
+        if self.json {
+            return print_json(&info.exports);
+        }
+        print(
+            &info
+                .exports
+                .iter()
+                .map(|e| format!("{e}\n"))
+                .collect::<String>(),
+        )
     }
 
     fn remove(&self, name: &str, deferred: bool, force: bool) -> Result<()> {

@@ -1,9 +1,10 @@
 //! The exports a device's server can start: NBD over a Unix or TCP socket, and a FUSE file.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec};
-use userdm_device::BlockDevice;
+use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec, UblkSpec};
+use userdm_device::{BlockDevice, Device};
 use userdm_fuse::{FuseExport, FuseHandle, FuseOptions};
 use userdm_io::{Errno, IoHeader, OpSet};
 use userdm_nbd::{
@@ -12,7 +13,15 @@ use userdm_nbd::{
 };
 use userdm_table::{Allocation, TargetLimits};
 use userdm_targets::AnyTarget;
+use userdm_ublk::{BlockUsers, UblkBackend, UblkHandle, UblkOptions, UblkServer};
 use userdm_uring::Reactor;
+
+/// The ublk control device; `USERDM_UBLK_CONTROL` points elsewhere (tests simulate a kernel
+/// without ublk with a path that does not exist).
+pub fn ublk_control_path() -> PathBuf {
+    std::env::var_os("USERDM_UBLK_CONTROL")
+        .map_or_else(|| PathBuf::from(userdm_ublk::CONTROL_PATH), PathBuf::from)
+}
 
 /// Starts the exports named with `--export`.
 pub struct Exports;
@@ -23,6 +32,9 @@ impl ExportFactory<AnyTarget> for Exports {
         spec: &ExportSpec,
         handle: DeviceHandle<AnyTarget>,
     ) -> Result<Box<dyn Export>, String> {
+        if let ExportSpec::Ublk(ublk) = spec {
+            return start_ublk(ublk, handle.device().clone()).map(|u| Box::new(u) as _);
+        }
         if let ExportSpec::Fuse(path) = spec {
             let device = Arc::new(Opener(handle));
             let fuse = FuseExport::start(device, path, FuseOptions::default())
@@ -132,5 +144,132 @@ impl BlockDevice for Opener {
     fn close(&self) -> bool {
         self.0.close();
         false
+    }
+}
+
+/// Starts (or, after a crash, takes over) the ublk device of `device`.
+fn start_ublk(spec: &UblkSpec, device: Arc<Device<AnyTarget>>) -> Result<Ublk, String> {
+    let defaults = UblkOptions::default();
+    let opts = UblkOptions {
+        id: spec.id,
+        queues: spec.queues.unwrap_or(defaults.queues),
+        depth: spec.depth.unwrap_or(defaults.depth),
+        recovery: spec.recovery,
+        user_copy: spec.user_copy,
+        zero_copy: spec.zero_copy,
+        control_path: ublk_control_path(),
+        ..defaults
+    };
+    let backend = Arc::new(KernelUsers(device));
+    let handle = match spec.recover {
+        Some(id) => UblkServer::recover(id, backend, opts),
+        None => UblkServer::start(backend, opts),
+    }
+    .map_err(|e| format!("export {spec}: {e}"))?;
+    let info = handle.info();
+    let recoverable = info.recoverable().then_some(info.id);
+    Ok(Ublk(Some(handle), recoverable))
+}
+
+/// The device as ublk serves it. The kernel block device's users are not counted through
+/// [`BlockDevice::open`] (the export would count as one opener for as long as it runs):
+/// the server asks the export for them instead ([`Export::kernel_openers`]).
+struct KernelUsers(Arc<Device<AnyTarget>>);
+
+impl BlockDevice for KernelUsers {
+    fn size_bytes(&self) -> u64 {
+        BlockDevice::size_bytes(&*self.0)
+    }
+
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+
+    fn ops(&self) -> OpSet {
+        BlockDevice::ops(&*self.0)
+    }
+
+    fn limits(&self) -> TargetLimits {
+        BlockDevice::limits(&*self.0)
+    }
+
+    fn io(
+        &self,
+        rt: &Reactor,
+        io: IoHeader,
+        buf: &mut [u8],
+    ) -> impl std::future::Future<Output = Result<(), Errno>> {
+        self.0.io(rt, io, buf)
+    }
+
+    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
+        BlockDevice::allocation(&*self.0, offset_bytes, max_len_bytes)
+    }
+}
+
+/// A table can be reloaded under a live device, so every request goes through the engine.
+impl UblkBackend for KernelUsers {}
+
+/// A running ublk device, and its id if it was made to outlive this server (kept past the
+/// handle: the recovery record goes only after the device).
+struct Ublk(Option<UblkHandle>, Option<u32>);
+
+impl Export for Ublk {
+    fn device_number(&self) -> Option<(u32, u32)> {
+        self.0.as_ref().map(UblkHandle::devt)
+    }
+
+    fn block_device(&self) -> Option<PathBuf> {
+        self.0.as_ref().map(UblkHandle::block_path)
+    }
+
+    fn address(&self) -> Option<String> {
+        self.0
+            .as_ref()
+            .map(|h| format!("ublk:{}", h.block_path().display()))
+    }
+
+    fn kernel_openers(&self) -> u32 {
+        self.0.as_ref().map_or(0, |h| h.users().total())
+    }
+
+    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+        let (major, minor) = self.device_number()?;
+        Some(Box::new(move || BlockUsers::scan(major, minor).total()))
+    }
+
+    fn release(&mut self) -> Result<(), String> {
+        let Some(handle) = self.0.take() else {
+            return Ok(());
+        };
+        match handle.try_stop() {
+            Ok(_) => Ok(()),
+            Err((e, handle)) => {
+                self.0 = Some(handle);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn recoverable_id(&self) -> Option<u32> {
+        self.1
+    }
+
+    fn resized(&mut self) -> Result<(), String> {
+        match &mut self.0 {
+            Some(handle) => handle
+                .update_size()
+                .map_err(|e| format!("{} keeps its old size: {e}", handle.block_path().display())),
+            None => Ok(()),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let path = handle.block_path();
+            if let Err(e) = handle.stop() {
+                eprintln!("userdm: stopping {}: {e}", path.display());
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ mod commands;
 mod exports;
 mod output;
 mod serve;
+mod ublk_verbs;
 
 use std::process::ExitCode;
 

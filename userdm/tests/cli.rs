@@ -734,6 +734,12 @@ fn help_documents_verbs_and_exit_codes() {
         "version",
         "setgeometry",
         "wipe_table",
+        "export",
+        "add",
+        "list",
+        "del",
+        "recover",
+        "features",
     ] {
         let h = env.ok(&[verb, "--help"]);
         assert!(h.contains("Usage: userdm"), "{verb} --help: {h}");
@@ -1247,4 +1253,140 @@ fn fuse_export_takes_ext4_and_agrees_with_nbd() {
     assert_eq!(&a[1080..1082], &[0x53, 0xef], "ext4 superblock magic");
     env.ok(&["remove", "f0"]);
     assert!(!sock.exists());
+}
+
+/// `userdm export` on a running device: an NBD export added later serves what the device
+/// holds, survives a reload, is listed, and goes with `--remove`; mistakes are refused and
+/// change nothing.
+#[test]
+fn exports_added_and_removed_on_a_running_device() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        eprintln!("skipped: nbdinfo/nbdcopy (libnbd-bin) are not installed");
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["create", "x0", "--table", "0 8192 memory"]);
+    assert_eq!(env.ok(&["export", "x0"]), "");
+    let sock = env.path("x0.sock");
+    let spec = format!("nbd:unix:{}", sock.display());
+    assert_eq!(env.ok(&["export", "x0", &spec]), format!("{spec}\n"));
+    let tcp = env.ok(&["export", "x0", "nbd:tcp:127.0.0.1:0"]);
+    assert!(
+        tcp.starts_with("nbd:tcp:127.0.0.1:") && !tcp.ends_with(":0\n"),
+        "{tcp}"
+    );
+    assert_eq!(env.ok(&["export", "x0"]), format!("{spec}\n{tcp}"));
+    assert_eq!(
+        env.json(&["export", "x0", "--json"]),
+        serde_json::json!([spec, tcp.trim_end()])
+    );
+    let e = env.fails(&["export", "x0", &spec], 1);
+    assert!(e.contains("already has export"), "{e}");
+    let e = env.fails(&["export", "x0", "nbd:udp:x:1"], 2);
+    assert!(e.contains("unknown transport"), "{e}");
+    let e = env.fails(&["export", "x0", "--remove", "nbd:unix:/nowhere"], 1);
+    assert!(e.contains("has no export nbd:unix:/nowhere"), "{e}");
+    let e = env.fails(&["export", "nosuch", &spec], 1);
+    assert!(e.contains("device nosuch does not exist"), "{e}");
+
+    // Data written through the first export, read back through one added after a reload.
+    let data = env.path("data");
+    std::fs::write(&data, vec![0x5au8; 8192 * 512]).unwrap();
+    let uri = format!("nbd+unix:///x0?socket={}", sock.display());
+    let status = Command::new("nbdcopy")
+        .args([data.to_str().unwrap(), &uri])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    env.ok(&["suspend", "x0"]);
+    env.ok(&["load", "x0", "--table", "0 8192 memory"]);
+    env.ok(&["resume", "x0"]);
+    env.ok(&["export", "x0", "--remove", &spec]);
+    assert!(!sock.exists(), "a removed export left its socket");
+    assert_eq!(env.ok(&["export", "x0"]), tcp);
+    let sock2 = env.path("x0b.sock");
+    let spec2 = format!("nbd:unix:{}", sock2.display());
+    env.ok(&["export", "x0", &spec2]);
+    let back = env.path("back");
+    let uri2 = format!("nbd+unix:///x0?socket={}", sock2.display());
+    let status = Command::new("nbdcopy")
+        .args([&uri2, back.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&data).unwrap());
+    env.ok(&["remove", "x0"]);
+    assert!(!sock2.exists());
+}
+
+/// Without ublk in the kernel (this machine, or a control path that does not exist), `create`
+/// serves no kernel device by default, and every ublk verb says what is missing.
+#[test]
+fn ublk_verbs_without_ublk_say_so() {
+    let env = Env::new();
+    let run = |args: &[&str]| {
+        env.command(args)
+            .env("USERDM_UBLK_CONTROL", "/nonexistent/ublk-control")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["create", "n0", "--table", "0 8 zero"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(env.ok(&["export", "n0"]), "");
+    for args in [
+        &["create", "n1", "--table", "0 8 zero", "--export", "ublk"][..],
+        &["export", "n0", "ublk:queues=2"],
+        &["add", "-t", "null"],
+        &["list"],
+        &["del", "-a"],
+        &["recover", "-n", "0"],
+        &["features"],
+    ] {
+        let out = run(args);
+        let e = check_fails(args, &out, 1);
+        assert!(e.contains("modprobe ublk_drv"), "{args:?}: {e}");
+    }
+    assert_eq!(env.ok(&["ls"]), "n0\t(0:0)\n");
+    for (args, why) in [
+        (&["add", "-t", "loop"][..], "needs a backing file"),
+        (&["add", "-t", "memory"], "needs --size"),
+        (
+            &["add", "-t", "null", "-f", "x"],
+            "only for the loop target",
+        ),
+        (&["add", "-t", "disk"], "invalid value"),
+        (
+            &["add", "-t", "null", "--size", "1Q"],
+            "unknown size suffix",
+        ),
+        (&["del"], "required"),
+        (
+            &[
+                "create",
+                "n2",
+                "--no-ublk",
+                "--export",
+                "ublk",
+                "--table",
+                "0 8 zero",
+            ],
+            "cannot be used",
+        ),
+        (
+            &[
+                "create",
+                "n2",
+                "--export",
+                "ublk:depth=0",
+                "--table",
+                "0 8 zero",
+            ],
+            "depth= takes",
+        ),
+    ] {
+        let out = run(args);
+        let e = check_fails(args, &out, 2);
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
 }
