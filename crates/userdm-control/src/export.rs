@@ -380,7 +380,8 @@ mod tests {
     fn bad_specs_say_why() {
         for (s, why) in [
             ("", "no export kind"),
-            ("ublk0", "unknown export kind"),
+            ("ublk0", "no export kind"),
+            ("ublkx:1", "unknown export kind"),
             ("ublk:queues=0", "queues= takes"),
             ("ublk:depth=x", "depth= takes"),
             ("ublk:fast", "unknown ublk option"),
