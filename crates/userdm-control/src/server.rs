@@ -13,7 +13,7 @@ use std::time::Duration;
 use userdm_device::{Device, DeviceError, Geometry};
 use userdm_table::{split_params, Table, TableError, Target};
 
-use crate::export::{DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec};
+use crate::export::{DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec, UblkSpec};
 use crate::proto::{
     decode, read_value, version_of, write_line, Command, CreateConfig, DepReport, DeviceReport,
     ErrorKind, ErrorReply, GeometryReport, IoStatsReport, ReadyReport, Reply, Request, Response,
@@ -156,6 +156,8 @@ pub struct Server<'f, T: Target> {
     factory: &'f dyn ExportFactory<T>,
     exports: Vec<Box<dyn Export>>,
     export_specs: Vec<String>,
+    /// The spec each running export was started from (same order as `exports`).
+    given: Vec<ExportSpec>,
     /// Exports that need a table to start (a kernel device needs a size): started at the
     /// first resume that makes a table live.
     pending: Vec<ExportSpec>,
@@ -243,6 +245,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             factory,
             exports: Vec::new(),
             export_specs: Vec::new(),
+            given: Vec::new(),
             pending: Vec::new(),
             facts: Arc::default(),
             dev_link: None,
@@ -284,18 +287,20 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         }
     }
 
-    /// The original export specs, with the recoverable one told to take over device `id`.
+    /// The exports as started (and those waiting for a table), with the recoverable one told
+    /// to take over device `id`.
     fn export_specs_for_recovery(&self, id: u32) -> Vec<String> {
-        self.config
-            .exports
+        self.given
             .iter()
-            .map(|s| match ExportSpec::parse(s) {
-                Ok(ExportSpec::Ublk(mut u)) if u.recovery => {
-                    u.recover = Some(id);
-                    u.id = Some(id);
-                    ExportSpec::Ublk(u).to_string()
-                }
-                _ => s.clone(),
+            .chain(&self.pending)
+            .map(|spec| match spec {
+                ExportSpec::Ublk(u) if u.recovery => ExportSpec::Ublk(UblkSpec {
+                    recover: Some(id),
+                    id: Some(id),
+                    ..u.clone()
+                })
+                .to_string(),
+                other => other.to_string(),
             })
             .collect()
     }
@@ -313,6 +318,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         let address = export.address().unwrap_or_else(|| spec.to_string());
         self.exports.push(export);
         self.export_specs.push(address);
+        self.given.push(spec.clone());
         self.refresh_facts();
         Ok(())
     }
@@ -427,6 +433,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             e.stop();
         }
         self.export_specs.clear();
+        self.given.clear();
         self.refresh_facts();
     }
 
@@ -680,7 +687,6 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         }
         self.start_export(&spec)
             .map_err(|e| err(ErrorKind::Device, e))?;
-        self.config.exports.push(wanted);
         self.write_recovery_record();
         let address = self.export_specs.last().cloned().unwrap_or_default();
         Ok(Reply::Exported { address })
@@ -693,14 +699,12 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             .export_specs
             .iter()
             .position(|a| a == text || canonical.as_deref() == Some(a.as_str()));
+        // Named as given, listed under its real address (a TCP port 0, a ublk device).
         let found = found.or_else(|| {
-            // Given as at create, listed under its real address (a TCP port 0, a ublk device).
-            let i = self
-                .config
-                .exports
-                .iter()
-                .position(|s| s == text || canonical.as_deref() == Some(s.as_str()))?;
-            (i < self.exports.len()).then_some(i)
+            self.given.iter().position(|g| {
+                let g = g.to_string();
+                g == text || canonical.as_deref() == Some(g.as_str())
+            })
         });
         let Some(i) = found else {
             return Err(err(
@@ -718,9 +722,11 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         };
         let mut export = self.exports.remove(i);
         let address = self.export_specs.remove(i);
+        let given = self.given.remove(i);
         if let Err(who) = export.release() {
             self.exports.insert(i, export);
             self.export_specs.insert(i, address);
+            self.given.insert(i, given);
             return Err(err(
                 ErrorKind::Busy,
                 format!(
@@ -733,9 +739,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             crate::rundir::remove_recovery_record(&self.dir, id);
         }
         export.stop();
-        if i < self.config.exports.len() {
-            self.config.exports.remove(i);
-        }
+        self.write_recovery_record();
         self.refresh_facts();
         Ok(Reply::Done)
     }

@@ -418,3 +418,192 @@ fn silent_and_broken_clients_do_not_stop_the_server() {
     call(&s.socket, "d", Command::Shutdown).unwrap();
     s.server.join().unwrap().unwrap();
 }
+
+/// A stand-in for the ublk export: a kernel device whose users the test sets, recoverable as
+/// id 5.
+/// The test's export factory.
+struct FakeKernelExports {
+    users: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    resized: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+struct FakeKernel {
+    users: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    resized: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl userdm_control::Export for FakeKernel {
+    fn device_number(&self) -> Option<(u32, u32)> {
+        Some((250, 5))
+    }
+    fn block_device(&self) -> Option<PathBuf> {
+        Some("/dev/fakeb5".into())
+    }
+    fn kernel_openers(&self) -> u32 {
+        self.users.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+        let users = self.users.clone();
+        Some(Box::new(move || {
+            users.load(std::sync::atomic::Ordering::SeqCst)
+        }))
+    }
+    fn recoverable_id(&self) -> Option<u32> {
+        Some(5)
+    }
+    fn resized(&mut self) -> Result<(), String> {
+        self.resized
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err("/dev/fakeb5 keeps its old size: no UPDATE_SIZE".into())
+    }
+    fn stop(&mut self) {}
+}
+
+impl userdm_control::ExportFactory<Mini> for FakeKernelExports {
+    fn start(
+        &self,
+        spec: &userdm_control::ExportSpec,
+        _: userdm_control::DeviceHandle<Mini>,
+    ) -> Result<Box<dyn userdm_control::Export>, String> {
+        match spec {
+            userdm_control::ExportSpec::Ublk(_) => Ok(Box::new(FakeKernel {
+                users: self.users.clone(),
+                resized: self.resized.clone(),
+            })),
+            other => Err(format!("{other}: not in this test")),
+        }
+    }
+}
+
+/// Kernel devices' users count as openers: `remove` refuses, `--deferred` waits for the last
+/// to go. The recovery record follows the live table, and goes with the device; a kernel
+/// export named for a device without a table starts at the first resume with one.
+#[test]
+fn kernel_exports_openers_links_and_recovery_records() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let links = tempfile::tempdir().unwrap();
+    std::env::set_var("USERDM_DEV_DIR", links.path());
+    let users = Arc::new(AtomicU32::new(0));
+    let resized = Arc::new(AtomicU32::new(0));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir::new(tmp.path());
+    let launch = |name: &str, table: Option<&str>| {
+        let lock = run.lock().unwrap();
+        let dir = run.claim(&lock).unwrap();
+        drop(lock);
+        let ready = UnixListener::bind(dir.ready_socket()).unwrap();
+        let (id, server_run) = (dir.id(), run.clone());
+        let factory = FakeKernelExports {
+            users: users.clone(),
+            resized: resized.clone(),
+        };
+        let server = std::thread::spawn(move || {
+            let make_ctx = |_: &CreateConfig, events: TableEvents| events;
+            serve::<Mini>(&server_run, id, &make_ctx, &factory)
+        });
+        let (stream, _) = ready.accept().unwrap();
+        let mut c = config(name, table);
+        c.exports = vec!["ublk:recovery".into()];
+        write_line(&stream, &c).unwrap();
+        let value = read_value(BufReader::new(&stream)).unwrap().unwrap();
+        let report: ReadyReport = decode(value).unwrap();
+        (dir.socket(), server, report.ready.unwrap())
+    };
+
+    let (socket, server, ready) = launch("k", Some("0 8 zero\n"));
+    assert_eq!(ready.block_device.as_deref(), Some("/dev/fakeb5".as_ref()));
+    assert_eq!((ready.major, ready.minor), (250, 5));
+    let link = links.path().join("k");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        PathBuf::from("/dev/fakeb5")
+    );
+    let record = run.read_recovery_record(5).unwrap();
+    assert_eq!(record.name, "k");
+    assert_eq!(record.table.as_deref(), Some("0 8 zero\n"));
+    assert_eq!(
+        record.exports,
+        vec!["ublk:id=5,recovery,recover=5".to_string()]
+    );
+
+    // A bigger table: the export hears of the new size, its warning reaches the client, and
+    // the record holds the new table.
+    let load = Command::Load {
+        table: "0 16 zero\n".into(),
+        cwd: None,
+    };
+    call(&socket, "k", load).unwrap();
+    match call(&socket, "k", Command::Resume).unwrap() {
+        Reply::Warnings { warnings } => assert!(warnings[0].contains("keeps its old size")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(resized.load(Ordering::SeqCst), 1);
+    let record = run.read_recovery_record(5).unwrap();
+    assert_eq!(record.table.as_deref(), Some("0 16 zero\n"));
+
+    // Rename moves the link.
+    call(
+        &socket,
+        "k",
+        Command::Rename {
+            new_name: "k2".into(),
+        },
+    )
+    .unwrap();
+    assert!(!link.exists());
+    let link = links.path().join("k2");
+    assert!(std::fs::read_link(&link).is_ok());
+
+    users.store(2, Ordering::SeqCst);
+    let report = match call(&socket, "k2", Command::Info).unwrap() {
+        Reply::Info(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(report.open_count, 2);
+    let remove = |deferred| Command::Remove {
+        deferred,
+        force: false,
+    };
+    let e = call(&socket, "k2", remove(false)).unwrap_err();
+    assert_eq!(e.server_kind(), Some(ErrorKind::Busy), "{e}");
+    assert!(e.to_string().contains("2 users"), "{e}");
+    assert_eq!(
+        call(&socket, "k2", remove(true)).unwrap(),
+        Reply::Removed { now: false }
+    );
+    let report = match call(&socket, "k2", Command::Info).unwrap() {
+        Reply::Info(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert!(report.deferred_remove);
+    assert_eq!(report.open_count, 2, "the watcher's hold is not an opener");
+    users.store(0, Ordering::SeqCst);
+    server.join().unwrap().unwrap();
+    assert!(!link.exists(), "the link outlived the device");
+    assert!(
+        run.read_recovery_record(5).is_err(),
+        "the record outlived the device"
+    );
+
+    // No table: the kernel export waits for one.
+    let (socket, server, ready) = launch("n", None);
+    assert_eq!(ready.block_device, None);
+    assert_eq!((ready.major, ready.minor), (0, 0));
+    let load = Command::Load {
+        table: "0 8 zero\n".into(),
+        cwd: None,
+    };
+    call(&socket, "n", load).unwrap();
+    call(&socket, "n", Command::Resume).unwrap();
+    let report = match call(&socket, "n", Command::Info).unwrap() {
+        Reply::Info(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(report.block_device.as_deref(), Some("/dev/fakeb5".as_ref()));
+    assert_eq!(
+        call(&socket, "n", remove(false)).unwrap(),
+        Reply::Removed { now: true }
+    );
+    server.join().unwrap().unwrap();
+}
