@@ -756,15 +756,19 @@ impl<'f, T: Target + 'static> Server<'f, T> {
                 format!("device {name} is busy: {who}; use --deferred to remove it on last close"),
             )
         };
-        if self.device.open_count() > 0 {
-            return self.device.remove(deferred).map_err(device_error);
-        }
         let kernel = self.kernel_openers();
-        if kernel > 0 {
+        if self.device.open_count() > 0 || kernel > 0 {
             if !deferred {
+                if kernel == 0 {
+                    return self.device.remove(false).map_err(device_error);
+                }
                 return Err(busy(format!("its block device has {kernel} users")));
             }
-            self.hold_for_kernel();
+            // The last close may then be an NBD client's or the kernel users': either way the
+            // kernel device stays until both are gone.
+            if kernel > 0 {
+                self.hold_for_kernel();
+            }
             return self.device.remove(true).map_err(device_error);
         }
         // Nobody seen: end the kernel devices, atomically where the kernel can check.
