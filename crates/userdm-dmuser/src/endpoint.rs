@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 
+use crate::cuse::{self, CuseDevice, Owner};
 use crate::shared::Shared;
 use crate::sys::{self, EventFd};
 use crate::worker::{Access, Worker};
@@ -42,6 +43,8 @@ pub(crate) struct Endpoint {
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: EndpointConfig,
     thread: Option<JoinHandle<()>>,
+    /// `/dev/dm-user/<ctl>` as a character device, where CUSE is on.
+    cuse: Option<CuseDevice>,
 }
 
 fn registry() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Weak<Endpoint>)>> {
@@ -82,10 +85,28 @@ pub(crate) fn open(config: EndpointConfig) -> Result<Arc<Endpoint>, String> {
             let _ = std::fs::remove_file(&config.path);
             format!("cannot start the endpoint thread: {e}")
         })?;
+    let cuse = if cuse::enabled() {
+        let owner = Owner {
+            uid: config.uid,
+            gid: config.gid,
+            mode: config.mode,
+        };
+        match CuseDevice::start(&config.ctl, config.path.clone(), Arc::clone(&shared), owner) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // The socket serves without it; say why the device is missing.
+                eprintln!("userdm: user {}: no character device: {e}", config.ctl);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let ep = Arc::new(Endpoint {
         shared,
         config: config.clone(),
         thread: Some(thread),
+        cuse,
     });
     reg.push((config.path, Arc::downgrade(&ep)));
     Ok(ep)
@@ -112,6 +133,16 @@ fn check_compatible(have: &EndpointConfig, want: &EndpointConfig) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// The socket's path: `<dir>/<ctl>`, or `<dir>/<ctl>.sock` where the character device takes
+/// `/dev/dm-user/<ctl>`.
+pub(crate) fn socket_path(dir: &Path, ctl: &str) -> PathBuf {
+    if cuse::enabled() && dir == Path::new(DEFAULT_DIR) {
+        dir.join(format!("{ctl}.sock"))
+    } else {
+        dir.join(ctl)
+    }
 }
 
 /// The endpoint directory: the context's, else `$USERDM_DMUSER_DIR`, else `/dev/dm-user`.
@@ -207,6 +238,8 @@ impl Drop for Endpoint {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // After the worker: its connections are closed, so every open file fails ENOTBLK.
+        drop(self.cuse.take());
         drop(reg);
     }
 }

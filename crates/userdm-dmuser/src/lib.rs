@@ -32,6 +32,8 @@
 pub mod wire;
 
 #[cfg(feature = "target")]
+mod cuse;
+#[cfg(feature = "target")]
 mod endpoint;
 #[cfg(feature = "target")]
 mod params;
@@ -44,6 +46,8 @@ mod target;
 #[cfg(feature = "target")]
 mod worker;
 
+#[cfg(feature = "target")]
+pub use cuse::CUSE_ENV;
 #[cfg(feature = "target")]
 pub use endpoint::{DEFAULT_DIR, DIR_ENV};
 #[cfg(feature = "target")]

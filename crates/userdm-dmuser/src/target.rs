@@ -157,7 +157,7 @@ impl Target for UserTarget {
             .unwrap_or(QUEUE_DEPTH_DEFAULT);
         let dir = endpoint::endpoint_dir(ctx.dir.as_deref());
         let config = EndpointConfig {
-            path: dir.join(&params.ctl),
+            path: endpoint::socket_path(&dir, &params.ctl),
             ctl: params.ctl.clone(),
             uid,
             gid,
