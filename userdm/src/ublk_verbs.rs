@@ -439,3 +439,68 @@ fn wait_for_exit(pid: u32) {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_lines_keep_ublksrv_fields() {
+        let entry = ListEntry {
+            id: 3,
+            queues: 2,
+            depth: 128,
+            max_io_bytes: 524288,
+            sectors: 131072,
+            logical_block_size: 512,
+            state: "LIVE".into(),
+            server_pid: Some(4242),
+            flags: 0x42,
+            flag_names: vec![],
+            char_devt: Some((245, 3)),
+            block_devt: Some((259, 1)),
+            owner: (0, 0),
+            name: Some("ublk3".into()),
+            table: None,
+        };
+        let text = entry.text();
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0][..3], ["dev", "id", "3:"]);
+        // Scripts written for ublksrv and kublk take the pid from field 7 and the state from
+        // field 11 of the second line (awk's numbering).
+        assert_eq!(lines[1][6], "4242");
+        assert_eq!(lines[1][10], "LIVE");
+        assert_eq!(
+            lines[2],
+            ["ublkc:", "245:3", "ublkb:", "259:1", "owner:", "0:0"]
+        );
+        assert_eq!(lines[3], ["userdm", "device:", "ublk3"]);
+    }
+
+    #[test]
+    fn device_numbers_split_as_glibc() {
+        assert_eq!(split_devt(0x0000_0000_0000_0801), (8, 1));
+        // Large numbers: the minor's high bits sit above the major's low 12 bits.
+        let (major, minor) = (259u64, 1_048_575u64);
+        let rdev = ((major & 0xfff) << 8)
+            | ((major & !0xfff) << 32)
+            | (minor & 0xff)
+            | ((minor & !0xff) << 12);
+        assert_eq!(split_devt(rdev), (259, 1_048_575));
+        assert_eq!(ublk_id(Path::new("/dev/ublkb12")), Some(12));
+        assert_eq!(ublk_id(Path::new("/dev/nbd0")), None);
+    }
+
+    #[test]
+    fn table_paths_are_escaped_or_refused() {
+        assert_eq!(
+            escape_path(Path::new("/a b/c\\d")).unwrap(),
+            "/a\\ b/c\\\\d"
+        );
+        assert!(escape_path(Path::new("/a#b")).is_err());
+        assert!(escape_path(Path::new("/a\nb")).is_err());
+    }
+}
