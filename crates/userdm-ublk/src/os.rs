@@ -221,36 +221,39 @@ pub(crate) fn find_holder(node: &Path, major: u32, minor: u32) -> Option<Holder>
 }
 
 fn find_opener(major: u32, minor: u32) -> Option<Holder> {
+    let (pid, path) = openers(major, minor).next()?.0;
+    let comm = fs::read(path.join("comm")).unwrap_or_default();
+    let comm = std::ffi::OsStr::from_bytes(comm.trim_ascii_end());
+    Some(Holder::Process {
+        pid,
+        comm: comm.to_string_lossy().into_owned(),
+    })
+}
+
+/// The processes other than this one with open descriptors of the block device
+/// `major:minor`: each one's pid and `/proc` directory, with how many descriptors it has.
+fn openers(major: u32, minor: u32) -> impl Iterator<Item = ((u32, std::path::PathBuf), u32)> {
     let rdev = libc::makedev(major, minor);
     let me = std::process::id();
-    for proc_entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc_entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = fs::read_dir(proc_entry.path().join("fd")) else {
-            continue;
-        };
-        let opened = fds.flatten().any(|fd| {
-            fs::metadata(fd.path())
-                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
-        });
-        if opened {
-            let comm = fs::read(proc_entry.path().join("comm")).unwrap_or_default();
-            let comm = std::ffi::OsStr::from_bytes(comm.trim_ascii_end());
-            return Some(Holder::Process {
-                pid,
-                comm: comm.to_string_lossy().into_owned(),
-            });
-        }
-    }
-    None
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |proc_entry| {
+            let pid = proc_entry.file_name().to_str()?.parse::<u32>().ok()?;
+            if pid == me {
+                return None;
+            }
+            let fds = fs::read_dir(proc_entry.path().join("fd")).ok()?;
+            let count = fds
+                .flatten()
+                .filter(|fd| {
+                    fs::metadata(fd.path())
+                        .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+                })
+                .count() as u32;
+            (count > 0).then(|| ((pid, proc_entry.path()), count))
+        })
 }
 
 /// Who uses the block device `major:minor`, as far as user space can see without touching it:
@@ -301,35 +304,7 @@ impl BlockUsers {
 
 /// Open descriptors of the block device `major:minor` in processes other than this one.
 fn count_openers(major: u32, minor: u32) -> u32 {
-    let rdev = libc::makedev(major, minor);
-    let me = std::process::id();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut count = 0;
-    for proc_entry in procs.flatten() {
-        let Some(pid) = proc_entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = fs::read_dir(proc_entry.path().join("fd")) else {
-            continue;
-        };
-        count += fds
-            .flatten()
-            .filter(|fd| {
-                fs::metadata(fd.path())
-                    .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
-            })
-            .count() as u32;
-    }
-    count
+    openers(major, minor).map(|(_, n)| n).sum()
 }
 
 #[cfg(test)]
@@ -339,6 +314,48 @@ mod tests {
     #[test]
     fn nobody_uses_an_unused_number() {
         assert_eq!(BlockUsers::scan(4095, 1_048_575).total(), 0);
+    }
+
+    /// A process holding a loop device open is counted, and found as its holder (skipped
+    /// where loop devices cannot be made).
+    #[test]
+    fn another_process_holding_a_block_device_counts() {
+        use std::os::unix::fs::MetadataExt;
+        use std::process::{Command, Stdio};
+        let dir = std::env::temp_dir().join(format!("userdm-ublk-os-{}", std::process::id()));
+        let _ = fs::create_dir_all(&dir);
+        let img = dir.join("img");
+        fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output();
+        let Some(dev) = out
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        else {
+            eprintln!("skipped: no loop device");
+            return;
+        };
+        let rdev = fs::metadata(&dev).unwrap().rdev();
+        let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+        let mut holder = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::from(fs::File::open(&dev).unwrap()))
+            .spawn()
+            .unwrap();
+        let users = BlockUsers::scan(major, minor);
+        let found = find_opener(major, minor);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(users.descriptors, 1, "{users:?}");
+        assert!(
+            matches!(found, Some(Holder::Process { pid, .. }) if pid == holder.id()),
+            "{found:?}"
+        );
     }
 
     #[test]
