@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec, UblkSpec};
-use userdm_device::{BlockDevice, Device};
+use userdm_control::{DeviceHandle, Export, ExportFactory, ExportSpec, UblkSpec, UserCounter};
+use userdm_device::BlockDevice;
 use userdm_fuse::{FuseExport, FuseHandle, FuseOptions};
 use userdm_io::{Errno, IoHeader, OpSet};
 use userdm_nbd::{
@@ -33,16 +33,16 @@ impl ExportFactory<AnyTarget> for Exports {
         handle: DeviceHandle<AnyTarget>,
     ) -> Result<Box<dyn Export>, String> {
         if let ExportSpec::Ublk(ublk) = spec {
-            return start_ublk(ublk, handle.device().clone()).map(|u| Box::new(u) as _);
+            return start_ublk(ublk, handle).map(|u| Box::new(u) as _);
         }
         if let ExportSpec::Fuse(path) = spec {
-            let device = Arc::new(Opener(handle));
+            let device = Arc::new(Opener::counted(handle));
             let fuse = FuseExport::start(device, path, FuseOptions::default())
                 .map_err(|e| format!("export {spec}: {e}"))?;
             return Ok(Box::new(Fuse(Some(fuse))));
         }
         let name = handle.device().name();
-        let backend = Arc::new(DeviceBackend(Arc::new(Opener(handle))));
+        let backend = Arc::new(DeviceBackend(Arc::new(Opener::counted(handle))));
         let exports = NbdExports::new().with(&name, "userdm device", backend);
         let server = match spec {
             ExportSpec::NbdUnix(path) => {
@@ -103,25 +103,40 @@ impl Export for Fuse {
     }
 }
 
-/// The device as NBD sees it. Connections count as openers through the server's handle, so
-/// that the last close of a device whose removal was deferred removes it.
-struct Opener(DeviceHandle<AnyTarget>);
+/// The device as an export serves it. NBD connections and FUSE opens count as openers through
+/// the server's handle (`counts_opens`), so that the last close of a device whose removal was
+/// deferred removes it. A ublk device's users are not seen that way (its export would count
+/// as one opener for as long as it runs): the server asks the export for them instead
+/// ([`Export::kernel_users`]).
+struct Opener {
+    handle: DeviceHandle<AnyTarget>,
+    counts_opens: bool,
+}
+
+impl Opener {
+    fn counted(handle: DeviceHandle<AnyTarget>) -> Opener {
+        Opener {
+            handle,
+            counts_opens: true,
+        }
+    }
+}
 
 impl BlockDevice for Opener {
     fn size_bytes(&self) -> u64 {
-        BlockDevice::size_bytes(&**self.0.device())
+        BlockDevice::size_bytes(&**self.handle.device())
     }
 
     fn read_only(&self) -> bool {
-        self.0.device().read_only()
+        self.handle.device().read_only()
     }
 
     fn ops(&self) -> OpSet {
-        BlockDevice::ops(&**self.0.device())
+        BlockDevice::ops(&**self.handle.device())
     }
 
     fn limits(&self) -> TargetLimits {
-        BlockDevice::limits(&**self.0.device())
+        BlockDevice::limits(&**self.handle.device())
     }
 
     fn io(
@@ -130,25 +145,32 @@ impl BlockDevice for Opener {
         io: IoHeader,
         buf: &mut [u8],
     ) -> impl std::future::Future<Output = Result<(), Errno>> {
-        self.0.device().io(rt, io, buf)
+        self.handle.device().io(rt, io, buf)
     }
 
     fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
-        BlockDevice::allocation(&**self.0.device(), offset_bytes, max_len_bytes)
+        BlockDevice::allocation(&**self.handle.device(), offset_bytes, max_len_bytes)
     }
 
     fn open(&self) {
-        self.0.open();
+        if self.counts_opens {
+            self.handle.open();
+        }
     }
 
     fn close(&self) -> bool {
-        self.0.close();
+        if self.counts_opens {
+            self.handle.close();
+        }
         false
     }
 }
 
+/// A table can be reloaded under a live device, so every request goes through the engine.
+impl UblkBackend for Opener {}
+
 /// Starts (or, after a crash, takes over) the ublk device of `device`.
-fn start_ublk(spec: &UblkSpec, device: Arc<Device<AnyTarget>>) -> Result<Ublk, String> {
+fn start_ublk(spec: &UblkSpec, handle: DeviceHandle<AnyTarget>) -> Result<Ublk, String> {
     let defaults = UblkOptions::default();
     let opts = UblkOptions {
         id: spec.id,
@@ -160,7 +182,10 @@ fn start_ublk(spec: &UblkSpec, device: Arc<Device<AnyTarget>>) -> Result<Ublk, S
         control_path: ublk_control_path(),
         ..defaults
     };
-    let backend = Arc::new(KernelUsers(device));
+    let backend = Arc::new(Opener {
+        handle,
+        counts_opens: false,
+    });
     let handle = match spec.recover {
         Some(id) => UblkServer::recover(id, backend, opts),
         None => UblkServer::start(backend, opts),
@@ -170,45 +195,6 @@ fn start_ublk(spec: &UblkSpec, device: Arc<Device<AnyTarget>>) -> Result<Ublk, S
     let recoverable = info.recoverable().then_some(info.id);
     Ok(Ublk(Some(handle), recoverable))
 }
-
-/// The device as ublk serves it. The kernel block device's users are not counted through
-/// [`BlockDevice::open`] (the export would count as one opener for as long as it runs):
-/// the server asks the export for them instead ([`Export::kernel_openers`]).
-struct KernelUsers(Arc<Device<AnyTarget>>);
-
-impl BlockDevice for KernelUsers {
-    fn size_bytes(&self) -> u64 {
-        BlockDevice::size_bytes(&*self.0)
-    }
-
-    fn read_only(&self) -> bool {
-        self.0.read_only()
-    }
-
-    fn ops(&self) -> OpSet {
-        BlockDevice::ops(&*self.0)
-    }
-
-    fn limits(&self) -> TargetLimits {
-        BlockDevice::limits(&*self.0)
-    }
-
-    fn io(
-        &self,
-        rt: &Reactor,
-        io: IoHeader,
-        buf: &mut [u8],
-    ) -> impl std::future::Future<Output = Result<(), Errno>> {
-        self.0.io(rt, io, buf)
-    }
-
-    fn allocation(&self, offset_bytes: u64, max_len_bytes: u64) -> Allocation {
-        BlockDevice::allocation(&*self.0, offset_bytes, max_len_bytes)
-    }
-}
-
-/// A table can be reloaded under a live device, so every request goes through the engine.
-impl UblkBackend for KernelUsers {}
 
 /// A running ublk device, and its id if it was made to outlive this server (kept past the
 /// handle: the recovery record goes only after the device).
@@ -229,13 +215,9 @@ impl Export for Ublk {
             .map(|h| format!("ublk:{}", h.block_path().display()))
     }
 
-    fn kernel_openers(&self) -> u32 {
-        self.0.as_ref().map_or(0, |h| h.users().total())
-    }
-
-    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+    fn kernel_users(&self) -> Option<UserCounter> {
         let (major, minor) = self.device_number()?;
-        Some(Box::new(move || BlockUsers::scan(major, minor).total()))
+        Some(Arc::new(move || BlockUsers::scan(major, minor).total()))
     }
 
     fn release(&mut self) -> Result<(), String> {

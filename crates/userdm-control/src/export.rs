@@ -201,6 +201,9 @@ impl fmt::Display for ExportSpec {
     }
 }
 
+/// Counts a kernel block device's users; see [`Export::kernel_users`].
+pub type UserCounter = Arc<dyn Fn() -> u32 + Send + Sync>;
+
 /// A running export. The server stops every export before its process exits.
 pub trait Export: Send {
     /// The device number the kernel gave the exported block device, if the export makes one
@@ -215,15 +218,11 @@ pub trait Export: Send {
         None
     }
 
-    /// How many users the kernel block device has that userdm does not count itself: open
-    /// descriptors, mounts, devices stacked on it. A snapshot, for `info` and `remove`.
-    fn kernel_openers(&self) -> u32 {
-        0
-    }
-
-    /// A probe of [`Export::kernel_openers`] that another thread can poll (for a deferred
-    /// removal waiting for the kernel's users to go).
-    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+    /// A counter of the users the kernel block device has that userdm does not see itself
+    /// (open descriptors, mounts, devices stacked on it), if the export makes one. Each call
+    /// is a snapshot; `info` and `remove` call it, and a deferred removal polls it from
+    /// another thread.
+    fn kernel_users(&self) -> Option<UserCounter> {
         None
     }
 
@@ -246,8 +245,9 @@ pub trait Export: Send {
         Ok(())
     }
 
-    /// Where clients reach the export, in `--export` syntax, when it differs from the spec
-    /// given (a TCP port 0 becomes the port the kernel picked).
+    /// Where clients reach the export, when it differs from the spec given: a TCP port 0
+    /// becomes the port the kernel picked (in `--export` syntax), a ublk export names its
+    /// device (`ublk:/dev/ublkbN`).
     fn address(&self) -> Option<String> {
         None
     }

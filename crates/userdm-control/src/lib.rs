@@ -71,4 +71,6 @@ pub mod rundir;
 pub mod server;
 
 pub use error::ControlError;
-pub use export::{DeviceHandle, Export, ExportFactory, ExportSpec, NoExports, UblkSpec};
+pub use export::{
+    DeviceHandle, Export, ExportFactory, ExportSpec, NoExports, UblkSpec, UserCounter,
+};

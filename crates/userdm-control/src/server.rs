@@ -13,7 +13,9 @@ use std::time::Duration;
 use userdm_device::{Device, DeviceError, Geometry};
 use userdm_table::{split_params, Table, TableError, Target};
 
-use crate::export::{DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec, UblkSpec};
+use crate::export::{
+    DeviceHandle, ExitSignal, Export, ExportFactory, ExportSpec, UblkSpec, UserCounter,
+};
 use crate::proto::{
     decode, read_value, version_of, write_line, Command, CreateConfig, DepReport, DeviceReport,
     ErrorKind, ErrorReply, GeometryReport, IoStatsReport, ReadyReport, Reply, Request, Response,
@@ -154,10 +156,7 @@ pub struct Server<'f, T: Target> {
     listener: UnixListener,
     exit: ExitSignal,
     factory: &'f dyn ExportFactory<T>,
-    exports: Vec<Box<dyn Export>>,
-    export_specs: Vec<String>,
-    /// The spec each running export was started from (same order as `exports`).
-    given: Vec<ExportSpec>,
+    exports: Vec<Running>,
     /// Exports that need a table to start (a kernel device needs a size): started at the
     /// first resume that makes a table live.
     pending: Vec<ExportSpec>,
@@ -174,6 +173,23 @@ pub struct Server<'f, T: Target> {
     live_text: Option<(String, Option<PathBuf>)>,
 }
 
+/// A running export, with the spec it was started from and where clients reach it.
+struct Running {
+    export: Box<dyn Export>,
+    spec: ExportSpec,
+    address: String,
+}
+
+impl Running {
+    /// Whether `text` names this export: as given, as canonically written, or as listed.
+    fn is_named(&self, text: &str, canonical: Option<&str>) -> bool {
+        let given = self.spec.to_string();
+        [given.as_str(), self.address.as_str()]
+            .iter()
+            .any(|n| *n == text || Some(*n) == canonical)
+    }
+}
+
 /// The exports as queries see them. Kept apart from the exports themselves, which belong to
 /// the main thread.
 #[derive(Default)]
@@ -181,8 +197,8 @@ struct ExportFacts {
     device_number: Option<(u32, u32)>,
     block_device: Option<PathBuf>,
     exports: Vec<String>,
-    /// Counters of the kernel block devices' users (see [`Export::kernel_openers_probe`]).
-    probes: Vec<Box<dyn Fn() -> u32 + Send>>,
+    /// Counters of the kernel block devices' users (see [`Export::kernel_users`]).
+    probes: Vec<UserCounter>,
     /// Whether the server holds one open on the device for the kernel's users, while a
     /// deferred removal waits for them to go (not an opener of its own: reports leave it out).
     kernel_hold: bool,
@@ -244,8 +260,6 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             exit,
             factory,
             exports: Vec::new(),
-            export_specs: Vec::new(),
-            given: Vec::new(),
             pending: Vec::new(),
             facts: Arc::default(),
             dev_link: None,
@@ -271,7 +285,11 @@ impl<'f, T: Target + 'static> Server<'f, T> {
     /// Records what a new server needs to take over the exports that outlive this one (a
     /// ublk device with recovery): `RUN_DIR/recovery/ID.json`, read by `userdm recover`.
     fn write_recovery_record(&self) {
-        for id in self.exports.iter().filter_map(|e| e.recoverable_id()) {
+        for id in self
+            .exports
+            .iter()
+            .filter_map(|r| r.export.recoverable_id())
+        {
             let (table, cwd) = self.live_text.clone().unzip();
             let record = CreateConfig {
                 name: self.device.name(),
@@ -290,8 +308,9 @@ impl<'f, T: Target + 'static> Server<'f, T> {
     /// The exports as started (and those waiting for a table), with the recoverable one told
     /// to take over device `id`.
     fn export_specs_for_recovery(&self, id: u32) -> Vec<String> {
-        self.given
+        self.exports
             .iter()
+            .map(|r| &r.spec)
             .chain(&self.pending)
             .map(|spec| match spec {
                 ExportSpec::Ublk(u) if u.recovery => ExportSpec::Ublk(UblkSpec {
@@ -306,7 +325,11 @@ impl<'f, T: Target + 'static> Server<'f, T> {
     }
 
     fn remove_recovery_records(&self) {
-        for id in self.exports.iter().filter_map(|e| e.recoverable_id()) {
+        for id in self
+            .exports
+            .iter()
+            .filter_map(|r| r.export.recoverable_id())
+        {
             crate::rundir::remove_recovery_record(&self.dir, id);
         }
     }
@@ -316,36 +339,45 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
         let export = self.factory.start(spec, handle)?;
         let address = export.address().unwrap_or_else(|| spec.to_string());
-        self.exports.push(export);
-        self.export_specs.push(address);
-        self.given.push(spec.clone());
+        self.exports.push(Running {
+            export,
+            spec: spec.clone(),
+            address,
+        });
         self.refresh_facts();
         Ok(())
     }
 
-    /// Starts the exports that waited for a table, once there is one.
+    /// Starts the exports that waited for a table, once there is one. One that fails stays
+    /// waiting, with those after it, for the next resume.
     fn start_pending(&mut self) -> Result<(), String> {
         if self.device.size_sectors() == 0 {
             return Ok(());
         }
-        for spec in std::mem::take(&mut self.pending) {
+        while let Some(spec) = self.pending.first().cloned() {
             self.start_export(&spec)?;
+            self.pending.remove(0);
         }
         Ok(())
     }
 
+    /// The addresses of the running exports, in the order they started.
+    fn addresses(&self) -> Vec<String> {
+        self.exports.iter().map(|r| r.address.clone()).collect()
+    }
+
     /// Recomputes what queries report of the exports, and the link to the kernel device.
     fn refresh_facts(&mut self) {
-        let block_device = self.exports.iter().find_map(|e| e.block_device());
+        let block_device = self.exports.iter().find_map(|r| r.export.block_device());
         {
             let mut facts = self.facts.lock().unwrap_or_else(|e| e.into_inner());
-            facts.device_number = self.exports.iter().find_map(|e| e.device_number());
+            facts.device_number = self.exports.iter().find_map(|r| r.export.device_number());
             facts.block_device.clone_from(&block_device);
-            facts.exports.clone_from(&self.export_specs);
+            facts.exports = self.addresses();
             facts.probes = self
                 .exports
                 .iter()
-                .filter_map(|e| e.kernel_openers_probe())
+                .filter_map(|r| r.export.kernel_users())
                 .collect();
         }
         match block_device {
@@ -363,9 +395,10 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         }
     }
 
-    /// Users of the exports' kernel block devices.
-    fn kernel_openers(&self) -> u32 {
-        self.exports.iter().map(|e| e.kernel_openers()).sum()
+    /// The counters of the exports' kernel block devices' users.
+    fn user_counters(&self) -> Vec<UserCounter> {
+        let facts = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        facts.probes.clone()
     }
 
     /// Serves control requests until the device is removed or the server shut down, then stops
@@ -429,11 +462,9 @@ impl<'f, T: Target + 'static> Server<'f, T> {
     }
 
     fn stop_exports(&mut self) {
-        for mut e in self.exports.drain(..) {
-            e.stop();
+        for mut r in self.exports.drain(..) {
+            r.export.stop();
         }
-        self.export_specs.clear();
-        self.given.clear();
         self.refresh_facts();
     }
 
@@ -631,8 +662,8 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         }
         let mut warnings = Vec::new();
         if self.device.size_sectors() != before {
-            for export in &mut self.exports {
-                if let Err(w) = export.resized() {
+            for r in &mut self.exports {
+                if let Err(w) = r.export.resized() {
                     warnings.push(w);
                 }
             }
@@ -659,7 +690,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         let spec =
             ExportSpec::parse(text).map_err(|e| err(ErrorKind::BadRequest, e.to_string()))?;
         let wanted = spec.to_string();
-        if self.export_specs.contains(&wanted) || self.pending.contains(&spec) {
+        if self.exports.iter().any(|r| r.spec == spec) || self.pending.contains(&spec) {
             return Err(err(
                 ErrorKind::Device,
                 format!("device {} already has export {wanted}", self.device.name()),
@@ -675,7 +706,10 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             ));
         }
         if matches!(spec, ExportSpec::Ublk(_))
-            && self.exports.iter().any(|e| e.block_device().is_some())
+            && self
+                .exports
+                .iter()
+                .any(|r| r.export.block_device().is_some())
         {
             return Err(err(
                 ErrorKind::Device,
@@ -688,7 +722,11 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         self.start_export(&spec)
             .map_err(|e| err(ErrorKind::Device, e))?;
         self.write_recovery_record();
-        let address = self.export_specs.last().cloned().unwrap_or_default();
+        let address = self
+            .exports
+            .last()
+            .map(|r| r.address.clone())
+            .unwrap_or_default();
         Ok(Reply::Exported { address })
     }
 
@@ -696,37 +734,25 @@ impl<'f, T: Target + 'static> Server<'f, T> {
     fn remove_export(&mut self, text: &str) -> Result<Reply, ErrorReply> {
         let canonical = ExportSpec::parse(text).map(|s| s.to_string()).ok();
         let found = self
-            .export_specs
+            .exports
             .iter()
-            .position(|a| a == text || canonical.as_deref() == Some(a.as_str()));
-        // Named as given, listed under its real address (a TCP port 0, a ublk device).
-        let found = found.or_else(|| {
-            self.given.iter().position(|g| {
-                let g = g.to_string();
-                g == text || canonical.as_deref() == Some(g.as_str())
-            })
-        });
+            .position(|r| r.is_named(text, canonical.as_deref()));
         let Some(i) = found else {
+            let has = self.addresses();
             return Err(err(
                 ErrorKind::Device,
                 format!(
                     "device {} has no export {text}; it has: {}",
                     self.device.name(),
-                    if self.export_specs.is_empty() {
+                    if has.is_empty() {
                         "none".to_string()
                     } else {
-                        self.export_specs.join(", ")
+                        has.join(", ")
                     }
                 ),
             ));
         };
-        let mut export = self.exports.remove(i);
-        let address = self.export_specs.remove(i);
-        let given = self.given.remove(i);
-        if let Err(who) = export.release() {
-            self.exports.insert(i, export);
-            self.export_specs.insert(i, address);
-            self.given.insert(i, given);
+        if let Err(who) = self.exports[i].export.release() {
             return Err(err(
                 ErrorKind::Busy,
                 format!(
@@ -735,10 +761,11 @@ impl<'f, T: Target + 'static> Server<'f, T> {
                 ),
             ));
         }
-        if let Some(id) = export.recoverable_id() {
+        let mut removed = self.exports.remove(i);
+        if let Some(id) = removed.export.recoverable_id() {
             crate::rundir::remove_recovery_record(&self.dir, id);
         }
-        export.stop();
+        removed.export.stop();
         self.write_recovery_record();
         self.refresh_facts();
         Ok(Reply::Done)
@@ -756,7 +783,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
                 format!("device {name} is busy: {who}; use --deferred to remove it on last close"),
             )
         };
-        let kernel = self.kernel_openers();
+        let kernel: u32 = self.user_counters().iter().map(|count| count()).sum();
         if self.device.open_count() > 0 || kernel > 0 {
             if !deferred {
                 if kernel == 0 {
@@ -772,8 +799,8 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             return self.device.remove(true).map_err(device_error);
         }
         // Nobody seen: end the kernel devices, atomically where the kernel can check.
-        for i in 0..self.exports.len() {
-            if let Err(who) = self.exports[i].release() {
+        for r in &mut self.exports {
+            if let Err(who) = r.export.release() {
                 if !deferred {
                     return Err(busy(who));
                 }
@@ -794,11 +821,7 @@ impl<'f, T: Target + 'static> Server<'f, T> {
             }
             facts.kernel_hold = true;
         }
-        let probes: Vec<_> = self
-            .exports
-            .iter()
-            .filter_map(|e| e.kernel_openers_probe())
-            .collect();
+        let probes = self.user_counters();
         let handle = DeviceHandle::new(self.device.clone(), self.exit.clone());
         handle.open();
         let facts = self.facts.clone();

@@ -439,12 +439,9 @@ impl userdm_control::Export for FakeKernel {
     fn block_device(&self) -> Option<PathBuf> {
         Some("/dev/fakeb5".into())
     }
-    fn kernel_openers(&self) -> u32 {
-        self.users.load(std::sync::atomic::Ordering::SeqCst)
-    }
-    fn kernel_openers_probe(&self) -> Option<Box<dyn Fn() -> u32 + Send>> {
+    fn kernel_users(&self) -> Option<userdm_control::UserCounter> {
         let users = self.users.clone();
-        Some(Box::new(move || {
+        Some(std::sync::Arc::new(move || {
             users.load(std::sync::atomic::Ordering::SeqCst)
         }))
     }

@@ -21,7 +21,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -316,26 +316,37 @@ fn give_node(node: &Path, owner: Owner) {
     eprintln!("userdm: {} did not appear", node.display());
 }
 
-/// Writes one reply: header and payload in one `writev`, as the FUSE device requires.
+/// The most payload slices one reply has (CUSE_INIT's struct and device name).
+const REPLY_PARTS_MAX: usize = 2;
+
+/// Writes one reply: header and payload in one `writev`, as the FUSE device requires. No
+/// allocation: replies to READs are on every request's path.
 fn reply(dev: &File, unique: u64, error: i32, parts: &[&[u8]]) -> io::Result<()> {
+    debug_assert!(parts.len() <= REPLY_PARTS_MAX);
+    let parts = &parts[..parts.len().min(REPLY_PARTS_MAX)];
     let len = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
     let header = OutHeader {
         len: len as u32,
         error,
         unique,
     };
-    let mut iov = vec![libc::iovec {
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut iov = [empty; REPLY_PARTS_MAX + 1];
+    iov[0] = libc::iovec {
         iov_base: bytes_of(&header).as_ptr() as *mut libc::c_void,
         iov_len: 16,
-    }];
-    for p in parts {
-        iov.push(libc::iovec {
+    };
+    for (slot, p) in iov[1..].iter_mut().zip(parts) {
+        *slot = libc::iovec {
             iov_base: p.as_ptr() as *mut libc::c_void,
             iov_len: p.len(),
-        });
+        };
     }
-    // SAFETY: every iovec points into a slice that lives across the call.
-    let n = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+    // SAFETY: the first 1 + parts.len() iovecs point into slices that live across the call.
+    let n = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), 1 + parts.len() as i32) };
     if n < 0 {
         let e = io::Error::last_os_error();
         // ENOENT: the request was interrupted and is gone; nothing to answer.
@@ -351,12 +362,36 @@ fn reply_error(dev: &File, unique: u64, errno: i32) {
     let _ = reply(dev, unique, -errno, &[]);
 }
 
-/// What the session thread hands an open file's thread.
+/// What the session thread hands an open file's thread. Writes are not among them: the
+/// session thread sends a write's data on the file's connection itself, from the buffer it
+/// read the request into (no copy; the endpoint reads replies as they come, so the send does
+/// not wait long).
 enum Work {
     Read { unique: u64, size: usize },
-    Write { unique: u64, data: Vec<u8> },
     Interrupt { unique: u64 },
     Release { unique: u64 },
+}
+
+/// An open file as the session thread holds it.
+struct Open {
+    tx: Sender<Work>,
+    thread: JoinHandle<()>,
+    /// The file's connection to the endpoint (a clone of the one its thread reads).
+    stream: UnixStream,
+    /// 0, or the errno every later read and write gets: the endpoint closed the connection.
+    failed: Arc<AtomicI32>,
+}
+
+/// The errno of a connection the endpoint closed: ENOTBLK once the target is gone, EINVAL
+/// otherwise (it closes a channel on a protocol error), remembered in `failed`.
+fn closed_errno(shared: &Shared, failed: &AtomicI32) -> i32 {
+    let errno = if shared.inner().shutdown {
+        libc::ENOTBLK
+    } else {
+        libc::EINVAL
+    };
+    failed.store(errno, Ordering::SeqCst);
+    errno
 }
 
 struct Session {
@@ -366,7 +401,7 @@ struct Session {
     owner: Owner,
     stop: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
-    opens: HashMap<u64, (Sender<Work>, JoinHandle<()>)>,
+    opens: HashMap<u64, Open>,
     next_fh: u64,
 }
 
@@ -417,9 +452,9 @@ impl Session {
         }
         // Open files' threads end when their connections close, which the endpoint's
         // shutdown does; closing /dev/cuse removes the node.
-        for (_, (tx, thread)) in self.opens.drain() {
-            drop(tx);
-            let _ = thread.join();
+        for (_, open) in self.opens.drain() {
+            drop(open.tx);
+            let _ = open.thread.join();
         }
     }
 
@@ -435,43 +470,37 @@ impl Session {
                 let Some(rw) = read_struct::<RwIn>(body) else {
                     return reply_error(dev, header.unique, libc::EINVAL);
                 };
-                let work = if header.opcode == op::READ {
-                    Work::Read {
-                        unique: header.unique,
-                        size: rw.size as usize,
-                    }
-                } else {
-                    let data = body.get(40..40 + rw.size as usize).unwrap_or_default();
-                    Work::Write {
-                        unique: header.unique,
-                        data: data.to_vec(),
-                    }
+                let Some(open) = self.opens.get(&rw.fh) else {
+                    return reply_error(dev, header.unique, libc::EBADF);
                 };
-                match self.opens.get(&rw.fh) {
-                    Some((tx, _)) => {
-                        if tx.send(work).is_err() {
-                            reply_error(dev, header.unique, libc::EINVAL);
-                        }
-                    }
-                    None => reply_error(dev, header.unique, libc::EBADF),
+                if header.opcode == op::WRITE {
+                    let data = body.get(40..40 + rw.size as usize);
+                    return write(dev, &self.shared, open, header.unique, data);
+                }
+                let work = Work::Read {
+                    unique: header.unique,
+                    size: rw.size as usize,
+                };
+                if open.tx.send(work).is_err() {
+                    reply_error(dev, header.unique, libc::EINVAL);
                 }
             }
             op::INTERRUPT => {
                 if let Some(int) = read_struct::<InterruptIn>(body) {
-                    for (tx, _) in self.opens.values() {
-                        let _ = tx.send(Work::Interrupt { unique: int.unique });
+                    for open in self.opens.values() {
+                        let _ = open.tx.send(Work::Interrupt { unique: int.unique });
                     }
                 }
             }
             op::RELEASE => {
                 let fh = read_struct::<ReleaseIn>(body).map_or(0, |r| r.fh);
                 match self.opens.remove(&fh) {
-                    Some((tx, thread)) => {
-                        let _ = tx.send(Work::Release {
+                    Some(open) => {
+                        let _ = open.tx.send(Work::Release {
                             unique: header.unique,
                         });
-                        drop(tx);
-                        let _ = thread.join();
+                        drop(open.tx);
+                        let _ = open.thread.join();
                     }
                     None => {
                         let _ = reply(dev, header.unique, 0, &[]);
@@ -505,16 +534,20 @@ impl Session {
             }
         };
         let _ = stream.set_read_timeout(Some(READ_POLL));
+        let Ok(writer) = stream.try_clone() else {
+            return reply_error(dev, header.unique, libc::EMFILE);
+        };
         let fh = self.next_fh;
         self.next_fh += 1;
         let (tx, rx) = mpsc::channel();
+        let failed = Arc::new(AtomicI32::new(0));
         let file = OpenFile {
             dev: dev.clone(),
             stream,
             shared: self.shared.clone(),
             rx,
             interrupted: Arc::new(AtomicU64::new(0)),
-            failed: None,
+            failed: failed.clone(),
         };
         let thread = match std::thread::Builder::new()
             .name(format!("cuse-open{fh}"))
@@ -523,7 +556,15 @@ impl Session {
             Ok(t) => t,
             Err(_) => return reply_error(dev, header.unique, libc::ENOMEM),
         };
-        self.opens.insert(fh, (tx, thread));
+        self.opens.insert(
+            fh,
+            Open {
+                tx,
+                thread,
+                stream: writer,
+                failed,
+            },
+        );
         let out = OpenOut {
             fh,
             // FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE: a stream, as dm-user's misc device.
@@ -541,8 +582,29 @@ struct OpenFile {
     shared: Arc<Shared>,
     rx: Receiver<Work>,
     interrupted: Arc<AtomicU64>,
-    /// The errno every later read and write gets once the endpoint closed the connection.
-    failed: Option<i32>,
+    /// See [`Open::failed`].
+    failed: Arc<AtomicI32>,
+}
+
+/// Sends a WRITE's data on the open file's connection and answers it.
+fn write(dev: &File, shared: &Shared, open: &Open, unique: u64, data: Option<&[u8]>) {
+    let Some(data) = data else {
+        return reply_error(dev, unique, libc::EINVAL);
+    };
+    let failed = open.failed.load(Ordering::SeqCst);
+    if failed != 0 {
+        return reply_error(dev, unique, failed);
+    }
+    match (&open.stream).write_all(data) {
+        Ok(()) => {
+            let out = WriteOut {
+                size: data.len() as u32,
+                padding: 0,
+            };
+            let _ = reply(dev, unique, 0, &[bytes_of(&out)]);
+        }
+        Err(_) => reply_error(dev, unique, closed_errno(shared, &open.failed)),
+    }
 }
 
 impl OpenFile {
@@ -551,7 +613,6 @@ impl OpenFile {
         while let Ok(work) = self.rx.recv() {
             match work {
                 Work::Read { unique, size } => self.read(unique, size, &mut buf),
-                Work::Write { unique, data } => self.write(unique, &data),
                 Work::Interrupt { unique } => self.interrupted.store(unique, Ordering::SeqCst),
                 Work::Release { unique } => {
                     // Dropping the connection re-queues whatever this file had taken.
@@ -562,26 +623,16 @@ impl OpenFile {
         }
     }
 
-    /// The errno of a connection the endpoint closed.
-    fn closed_errno(&mut self) -> i32 {
-        let errno = if self.shared.inner().shutdown {
-            libc::ENOTBLK
-        } else {
-            libc::EINVAL
-        };
-        self.failed = Some(errno);
-        errno
-    }
-
     fn read(&mut self, unique: u64, size: usize, buf: &mut [u8]) {
-        if let Some(e) = self.failed {
-            return reply_error(&self.dev, unique, e);
+        let failed = self.failed.load(Ordering::SeqCst);
+        if failed != 0 {
+            return reply_error(&self.dev, unique, failed);
         }
         let size = size.min(buf.len());
         loop {
             match (&self.stream).read(&mut buf[..size]) {
                 Ok(0) => {
-                    let e = self.closed_errno();
+                    let e = closed_errno(&self.shared, &self.failed);
                     return reply_error(&self.dev, unique, e);
                 }
                 Ok(n) => {
@@ -605,12 +656,12 @@ impl OpenFile {
                                 let _ = reply(&self.dev, r, 0, &[]);
                                 // Closing the stream re-queues this file's requests.
                                 let _ = self.stream.shutdown(std::net::Shutdown::Both);
-                                self.failed = Some(libc::EBADF);
+                                self.failed.store(libc::EBADF, Ordering::SeqCst);
                                 return;
                             }
-                            // A second concurrent read or a write on the same file: answer
-                            // it once this read is done would reorder the stream, so refuse.
-                            Work::Read { unique: u, .. } | Work::Write { unique: u, .. } => {
+                            // A second concurrent read on the same file: answering it after this
+                            // one would hand out the stream out of order, so refuse it.
+                            Work::Read { unique: u, .. } => {
                                 reply_error(&self.dev, u, libc::EAGAIN);
                             }
                         }
@@ -621,28 +672,9 @@ impl OpenFile {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
-                    let e = self.closed_errno();
+                    let e = closed_errno(&self.shared, &self.failed);
                     return reply_error(&self.dev, unique, e);
                 }
-            }
-        }
-    }
-
-    fn write(&mut self, unique: u64, data: &[u8]) {
-        if let Some(e) = self.failed {
-            return reply_error(&self.dev, unique, e);
-        }
-        match (&self.stream).write_all(data) {
-            Ok(()) => {
-                let out = WriteOut {
-                    size: data.len() as u32,
-                    padding: 0,
-                };
-                let _ = reply(&self.dev, unique, 0, &[bytes_of(&out)]);
-            }
-            Err(_) => {
-                let e = self.closed_errno();
-                reply_error(&self.dev, unique, e);
             }
         }
     }

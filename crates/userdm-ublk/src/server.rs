@@ -15,7 +15,7 @@ use userdm_ublk_sys as sys;
 
 use crate::ctrl::{Control, Wait, CONTROL_PATH};
 use crate::info::{feature_info, DevInfo, DevState, Features};
-use crate::os::{self, BlockUsers};
+use crate::os;
 use crate::params::{build_params, DeviceShape};
 use crate::queue::{queue_main, DataMode, DeviceShared, QueueConfig, QueueExit};
 use crate::UblkError;
@@ -524,15 +524,6 @@ impl UblkHandle {
     /// (another process's delete, QUIESCE_DEV), or a queue failed.
     pub fn is_finished(&self) -> bool {
         self.threads.iter().all(JoinHandle::is_finished)
-    }
-
-    /// Who uses the block device now (see [`BlockUsers`]).
-    pub fn users(&self) -> BlockUsers {
-        let (major, minor) = self.devt;
-        if major == 0 {
-            return BlockUsers::default();
-        }
-        BlockUsers::scan(major, minor)
     }
 
     /// The first queue failure, if any.
