@@ -31,4 +31,4 @@ mod reactor;
 pub mod sync;
 
 pub use ops::Op;
-pub use reactor::{Reactor, ReactorStats};
+pub use reactor::{Reactor, ReactorStats, DEFAULT_SPIN};
