@@ -237,6 +237,7 @@ impl Session {
                 .collect(),
             uid: a.uid,
             gid: a.gid,
+            memory_dir: None,
         };
         let (_, report) = launch(&self.run, &lock, &exe, &config)
             .map_err(|e| anyhow!(e).context(format!("create {}", a.name)))?;

@@ -22,11 +22,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         if let Some(uid) = config.uid {
             user = user.with_owner(uid, config.gid.unwrap_or(uid));
         }
-        TargetContext::new()
+        let ctx = TargetContext::new()
             .with_read_only(config.read_only)
             .with_user(user)
             .with_memory_stores(memory_stores.clone())
-            .with_event_hook(Arc::new(move || events.raise()))
+            .with_event_hook(Arc::new(move || events.raise()));
+        // Set for a device with ublk recovery: `memory` rows then survive a crash of this server.
+        match &config.memory_dir {
+            Some(dir) => ctx.with_memory_dir(dir.clone()),
+            None => ctx,
+        }
     };
     let exports = crate::exports::Exports;
     serve_device::<AnyTarget>(&run, args.id, &make_ctx, &exports)?;

@@ -97,6 +97,7 @@ impl Session {
             exports: vec![ExportSpec::Ublk(spec).to_string()],
             uid: None,
             gid: None,
+            memory_dir: None,
         };
         let report = self.launch_device(&config)?;
         self.show_added(&mut control, id, &report)?;
@@ -221,6 +222,15 @@ impl Session {
         }
         // No live userdm server: a device left for recovery, or another server's.
         userdm_ublk::delete(control, id, DeleteMode::Safe).map_err(|e| anyhow!("del {id}: {e}"))?;
+        // The device is gone, so the bytes its `memory` rows kept for a recovery go too.
+        if let Some(dir) = self
+            .run
+            .read_recovery_record(id)
+            .ok()
+            .and_then(|r| r.memory_dir)
+        {
+            self.run.remove_memory_dir(&dir);
+        }
         let _ = std::fs::remove_file(self.run.recovery_record(id));
         Ok(())
     }

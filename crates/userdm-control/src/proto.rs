@@ -481,6 +481,11 @@ pub struct CreateConfig {
     /// Group of the socket.
     #[serde(default)]
     pub gid: Option<u32>,
+    /// Where `memory` rows keep their bytes so that they outlive the server; set by the server
+    /// of a device served over ublk with recovery, and carried to the server that recovers it
+    /// by the recovery record. `None`: in the server's own memory.
+    #[serde(default)]
+    pub memory_dir: Option<PathBuf>,
 }
 
 /// The server's answer on the readiness socket.

@@ -122,6 +122,17 @@ impl RunDir {
         self.root.join("recovery").join(format!("{ublk_id}.json"))
     }
 
+    /// Where devices that outlive their servers keep `memory` rows' bytes.
+    pub fn memory_root(&self) -> PathBuf {
+        self.root.join("memory")
+    }
+
+    /// Removes a device's memory directory (from its recovery record), and only if it lies in
+    /// this run directory: a record is a file, and a corrupt one must not delete elsewhere.
+    pub fn remove_memory_dir(&self, dir: &Path) {
+        remove_memory_dir_under(&self.memory_root(), dir);
+    }
+
     /// Reads the recovery record of ublk device `ublk_id`.
     pub fn read_recovery_record(&self, ublk_id: u32) -> Result<CreateConfig, ControlError> {
         let path = self.recovery_record(ublk_id);
@@ -511,6 +522,34 @@ pub(crate) fn write_recovery_record(
     dir.write_atomic(&path, &bytes)
 }
 
+/// A fresh directory name for the `memory` rows of the device in `dir`, unique across servers
+/// (the device id is reused after removal, so the creation time is part of it).
+pub(crate) fn new_memory_dir(dir: &DeviceDir) -> Option<PathBuf> {
+    let root = root_of(dir)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Some(
+        RunDir::new(root)
+            .memory_root()
+            .join(format!("{}-{nanos}", dir.id())),
+    )
+}
+
+/// Removes `dir` and what is in it, if `dir` is a direct child of `memory_root`.
+pub(crate) fn remove_memory_dir_under(memory_root: &Path, dir: &Path) {
+    if dir.parent() == Some(memory_root) && dir.file_name().is_some_and(|n| n != ".." && n != ".") {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes the memory directory of the device in `dir`, if it has one.
+pub(crate) fn remove_memory_dir(dir: &DeviceDir, memory_dir: &Path) {
+    if let Some(root) = root_of(dir) {
+        RunDir::new(root).remove_memory_dir(memory_dir);
+    }
+}
+
 /// Removes the recovery record of ublk device `ublk_id`, if any.
 pub(crate) fn remove_recovery_record(dir: &DeviceDir, ublk_id: u32) {
     if let Some(root) = root_of(dir) {
@@ -521,6 +560,25 @@ pub(crate) fn remove_recovery_record(dir: &DeviceDir, ublk_id: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_dirs_are_removed_only_inside_the_run_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::new(tmp.path().join("run"));
+        let inside = run.memory_root().join("3-17");
+        let outside = tmp.path().join("elsewhere");
+        for d in [&inside, &outside] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("0-8.mem"), b"x").unwrap();
+        }
+        run.remove_memory_dir(&outside);
+        run.remove_memory_dir(&run.memory_root().join(".."));
+        run.remove_memory_dir(&run.memory_root().join("3-17/.."));
+        assert!(outside.join("0-8.mem").exists());
+        assert!(run.memory_root().exists());
+        run.remove_memory_dir(&inside);
+        assert!(!inside.exists());
+    }
 
     #[test]
     fn claims_lowest_free_id_and_lists_in_order() {

@@ -237,6 +237,14 @@ impl<'f, T: Target + 'static> Server<'f, T> {
                 d.table_event();
             }
         }));
+        let recovery = specs
+            .iter()
+            .any(|s| matches!(s, ExportSpec::Ublk(u) if u.recovery || u.recover.is_some()));
+        let mut config = config;
+        if recovery && config.memory_dir.is_none() {
+            // `memory` rows must outlive this process for a recovering server to find them.
+            config.memory_dir = crate::rundir::new_memory_dir(&dir);
+        }
         let ctx = make_ctx(&config, events);
         if let Some(text) = &config.table {
             let table = Table::<T>::parse(&ctx, text).map_err(|e| e.to_string())?;
@@ -456,6 +464,9 @@ impl<'f, T: Target + 'static> Server<'f, T> {
         self.device.gate().open();
         self.remove_recovery_records();
         self.stop_exports();
+        if let Some(memory_dir) = &self.config.memory_dir {
+            crate::rundir::remove_memory_dir(&self.dir, memory_dir);
+        }
         if let Err(e) = self.dir.remove() {
             eprintln!("userdm server: {e}");
         }

@@ -172,6 +172,7 @@ fn config(name: &str, table: Option<&str>) -> CreateConfig {
         exports: vec![],
         uid: None,
         gid: None,
+        memory_dir: None,
     }
 }
 
@@ -523,6 +524,15 @@ fn kernel_exports_openers_links_and_recovery_records() {
         record.exports,
         vec!["ublk:id=5,recovery,recover=5".to_string()]
     );
+    // With recovery, `memory` rows keep their bytes in the run directory, where the recovering
+    // server (which reads this record) finds them.
+    let memory_dir = record
+        .memory_dir
+        .clone()
+        .expect("recovery gives a memory directory");
+    assert_eq!(memory_dir.parent(), Some(run.memory_root().as_path()));
+    std::fs::create_dir_all(&memory_dir).unwrap();
+    std::fs::write(memory_dir.join("0-8.mem"), b"bytes").unwrap();
 
     // A bigger table: the export hears of the new size, its warning reaches the client, and
     // the record holds the new table.
@@ -581,6 +591,10 @@ fn kernel_exports_openers_links_and_recovery_records() {
     assert!(
         run.read_recovery_record(5).is_err(),
         "the record outlived the device"
+    );
+    assert!(
+        !memory_dir.exists(),
+        "the memory directory outlived the device"
     );
 
     // No table: the kernel export waits for one.

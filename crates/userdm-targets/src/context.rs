@@ -93,6 +93,9 @@ pub struct TargetContext {
     /// The device's `memory` rows, so that a reload keeps their contents; `None` makes every
     /// `memory` row a fresh disk.
     pub memory_stores: Option<Arc<crate::MemoryStores>>,
+    /// Where `memory` rows keep their storage, so that it outlives the server (ublk recovery);
+    /// `None` keeps it in the server's own memory.
+    pub memory_dir: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for TargetContext {
@@ -104,6 +107,7 @@ impl fmt::Debug for TargetContext {
             .field("event_hook", &self.event_hook.as_ref().map(|_| "set"))
             .field("user", &self.user)
             .field("memory_stores", &self.memory_stores.is_some())
+            .field("memory_dir", &self.memory_dir)
             .finish()
     }
 }
@@ -117,6 +121,7 @@ impl Default for TargetContext {
             event_hook: None,
             user: UserTargetContext::default(),
             memory_stores: None,
+            memory_dir: None,
         }
     }
 }
@@ -148,6 +153,13 @@ impl TargetContext {
     /// Sets the device's memory-row registry (one per device, shared by all its table loads).
     pub fn with_memory_stores(mut self, stores: Arc<crate::MemoryStores>) -> TargetContext {
         self.memory_stores = Some(stores);
+        self
+    }
+
+    /// Keeps `memory` rows' storage in files under `dir` (created if missing), which a server
+    /// that takes over the device after a crash opens again.
+    pub fn with_memory_dir(mut self, dir: std::path::PathBuf) -> TargetContext {
+        self.memory_dir = Some(dir);
         self
     }
 

@@ -9,8 +9,19 @@
 //! for each other. Unwritten chunks read as zeros; discard and zeroing free whole chunks and zero
 //! the parts of partial ones. With `max_allocated_bytes`, a write that needs a chunk beyond the
 //! limit fails with ENOSPC.
+//!
+//! Where the context names a memory directory (a device served over ublk with recovery), the
+//! bytes live in a sparse file there instead, one per row, so that they outlive a server killed
+//! with SIGKILL: the server that `userdm recover` starts opens the same file and finds every
+//! completed write. The chunk table then only records which chunks hold storage; it is rebuilt
+//! from the file's data extents (SEEK_DATA) when the file is opened again. Chunks are reserved
+//! with `fallocate` when first written, so a full filesystem is an ENOSPC for that write, never
+//! a lost one. The file is removed with the row; only a crash leaves it behind.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
@@ -20,6 +31,7 @@ use userdm_io::{Errno, IoError, IoFlags, IoHeader, IoOp, IoResult, OpSet, SECTOR
 use userdm_table::{RowSpec, TableError};
 
 use crate::args::{parse_u64, target_error, ArgSet};
+use crate::sys::Seek;
 
 const NAME: &str = "memory";
 
@@ -59,6 +71,78 @@ pub struct Memory {
     max_allocated_bytes: u64,
     allocated_bytes: AtomicU64,
     leaves: Box<[OnceLock<Leaf>]>,
+    /// The file holding the bytes, when they must outlive the process; chunks then hold an
+    /// empty marker instead of their data.
+    backing: Option<Backing>,
+}
+
+/// A row's storage file (see the module documentation).
+#[derive(Debug)]
+struct Backing {
+    file: File,
+    path: PathBuf,
+    /// False only in tests that play a crash: the file closes but stays.
+    remove_on_drop: bool,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        // The row is gone for good (removal, or a reload that dropped it); only a crash, which
+        // runs no destructor, leaves the file for a recovering server.
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Zeros for filling ranges where a filesystem cannot punch holes.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+impl Backing {
+    fn read(&self, buf: &mut [u8], offset: u64) -> IoResult {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_errno(&e).into())
+    }
+
+    fn write(&self, buf: &[u8], offset: u64) -> IoResult {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| io_errno(&e).into())
+    }
+
+    /// Reserves the blocks of `offset..offset + len`, so that later writes cannot fail for space.
+    fn reserve(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        match crate::sys::fallocate(&self.file, 0, offset, len) {
+            Ok(()) => Ok(()),
+            // A filesystem without fallocate: the write itself will allocate.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(io_errno(&e)),
+        }
+    }
+
+    /// Makes `offset..offset + len` read as zeros, freeing its blocks where it can.
+    fn zero(&self, offset: u64, len: u64) -> IoResult {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if crate::sys::fallocate(&self.file, mode, offset, len).is_ok() {
+            return Ok(());
+        }
+        let mut at = 0;
+        // Bounded by `len`.
+        while at < len {
+            let n = (len - at).min(ZEROS.len() as u64) as usize;
+            self.write(&ZEROS[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
 }
 
 /// The `memory` rows of one device's tables, so that a reload keeps their contents.
@@ -80,8 +164,12 @@ impl Memory {
         ctx: &crate::TargetContext,
         row: &RowSpec,
     ) -> Result<Arc<Memory>, TableError> {
+        let make = || match &ctx.memory_dir {
+            Some(dir) => Memory::construct_in(row, dir),
+            None => Memory::construct(row),
+        };
         let Some(stores) = &ctx.memory_stores else {
-            return Ok(Arc::new(Memory::construct(row)?));
+            return Ok(Arc::new(make()?));
         };
         let key = (row.start, row.len, row.args().join(" "));
         let mut rows = stores.rows.lock().unwrap_or_else(PoisonError::into_inner);
@@ -89,7 +177,7 @@ impl Memory {
         if let Some(existing) = rows.get(&key).and_then(Weak::upgrade) {
             return Ok(existing);
         }
-        let memory = Arc::new(Memory::construct(row)?);
+        let memory = Arc::new(make()?);
         rows.insert(key, Arc::downgrade(&memory));
         Ok(memory)
     }
@@ -133,7 +221,125 @@ impl Memory {
             max_allocated_bytes,
             allocated_bytes: AtomicU64::new(0),
             leaves: top.into_boxed_slice(),
+            backing: None,
         })
+    }
+
+    /// Builds a row whose bytes live in a file under `dir`, named after the row's start, length
+    /// and options; an existing file (left by a server that crashed) is opened with its data.
+    pub(crate) fn construct_in(row: &RowSpec, dir: &Path) -> Result<Memory, TableError> {
+        let mut memory = Memory::construct(row)?;
+        // The options passed `parse_options`, so they are numbers and option names: safe in a
+        // file name.
+        let mut name = format!("{}-{}", row.start, row.len);
+        for word in row.args() {
+            name.push('-');
+            name.push_str(&word);
+        }
+        name.push_str(".mem");
+        let path = dir.join(name);
+        let fail = |what: &str, e: std::io::Error| {
+            target_error(NAME, format!("{what} {}: {e}", path.display()))
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail("Cannot create the storage directory of", e))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| fail("Cannot open the storage file", e))?;
+        // Two servers writing one file would corrupt it; the lock goes with the process.
+        if let Err(e) = crate::sys::lock_exclusive(&file) {
+            return Err(target_error(
+                NAME,
+                format!(
+                    "Storage file {} is in use by another userdm server ({e})",
+                    path.display()
+                ),
+            ));
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| fail("Cannot stat the storage file", e))?
+            .len();
+        if len != memory.size_bytes {
+            if len != 0 {
+                return Err(target_error(
+                    NAME,
+                    format!(
+                        "Storage file {} holds {len} bytes, not the row's {}; remove it to                          start empty",
+                        path.display(),
+                        memory.size_bytes
+                    ),
+                ));
+            }
+            file.set_len(memory.size_bytes)
+                .map_err(|e| fail("Cannot size the storage file", e))?;
+        }
+        memory.backing = Some(Backing {
+            file,
+            path,
+            remove_on_drop: true,
+        });
+        memory.adopt_file_extents()?;
+        Ok(memory)
+    }
+
+    /// Marks every chunk that holds data in the backing file as allocated.
+    fn adopt_file_extents(&mut self) -> Result<(), TableError> {
+        let Some(backing) = &self.backing else {
+            return Ok(());
+        };
+        let file = &backing.file;
+        let all = self.size_bytes.div_ceil(self.chunk_bytes);
+        // Chunk ranges holding data; a filesystem without SEEK_DATA reports everything as data.
+        let mut chunks = Vec::new();
+        let mut at: u64 = 0;
+        // Bounded: each turn moves past one data extent.
+        while at < self.size_bytes {
+            let data = match crate::sys::seek_data(file, at) {
+                Ok(Seek::At(d)) => d,
+                Ok(Seek::NoMore) => break,
+                Err(_) => {
+                    chunks.push((at / self.chunk_bytes, all));
+                    break;
+                }
+            };
+            let hole = match crate::sys::seek_hole(file, data) {
+                Ok(Seek::At(h)) => h.min(self.size_bytes),
+                _ => self.size_bytes,
+            };
+            if hole <= data {
+                break;
+            }
+            chunks.push((data / self.chunk_bytes, hole.div_ceil(self.chunk_bytes)));
+            at = hole;
+        }
+        for (first, end) in chunks {
+            for index in first..end.min(all) {
+                let chunk = self
+                    .chunk_or_make(index)
+                    .map_err(|_| target_error(NAME, "Cannot allocate the chunk table"))?;
+                let mut guard = write(chunk);
+                if guard.is_none() {
+                    *guard = Some(Box::default());
+                    self.allocated_bytes
+                        .fetch_add(self.chunk_bytes, Ordering::AcqRel);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the storage file lives, if the row has one.
+    pub fn storage_path(&self) -> Option<&Path> {
+        self.backing.as_ref().map(|b| b.path.as_path())
     }
 
     pub(crate) fn table_params(&self) -> String {
@@ -299,37 +505,32 @@ impl Memory {
             .filter(|o| o.saturating_add(io.len_bytes) <= self.size_bytes)
             .ok_or(IoError::Failed(Errno::EOVERFLOW))?;
         match io.op {
-            IoOp::Read => {
-                self.read(offset, buf);
-                Ok(())
-            }
+            IoOp::Read => self.read(offset, buf),
             IoOp::Write => self.write(offset, buf),
             IoOp::Flush => Ok(()),
-            IoOp::Discard => {
-                self.zero(offset, io.len_bytes, true);
-                Ok(())
-            }
+            IoOp::Discard => self.zero(offset, io.len_bytes, true),
             IoOp::WriteZeroes => {
-                self.zero(offset, io.len_bytes, !io.flags.contains(IoFlags::NOUNMAP));
-                Ok(())
+                self.zero(offset, io.len_bytes, !io.flags.contains(IoFlags::NOUNMAP))
             }
             _ => Err(Errno::EOPNOTSUPP.into()),
         }
     }
 
-    fn read(&self, offset: u64, buf: &mut [u8]) {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> IoResult {
         let mut done = 0;
         for (index, at, n) in self.pieces(offset, buf.len() as u64) {
             let out = &mut buf[done..done + n];
             match self.chunk(index).map(read) {
-                Some(guard) => match guard.as_deref() {
-                    Some(data) => out.copy_from_slice(&data[at..at + n]),
-                    None => out.fill(0),
+                Some(guard) => match (guard.as_deref(), &self.backing) {
+                    (Some(_), Some(b)) => b.read(out, index * self.chunk_bytes + at as u64)?,
+                    (Some(data), None) => out.copy_from_slice(&data[at..at + n]),
+                    (None, _) => out.fill(0),
                 },
                 None => out.fill(0),
             }
             done += n;
         }
+        Ok(())
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> IoResult {
@@ -349,6 +550,15 @@ impl Memory {
                     continue;
                 }
                 self.reserve()?;
+                if let Some(b) = &self.backing {
+                    if let Err(e) = b.reserve(index * self.chunk_bytes, self.chunk_bytes) {
+                        self.unreserve();
+                        return Err(e.into());
+                    }
+                    *guard = Some(Box::default());
+                    b.write(data, index * self.chunk_bytes + at as u64)?;
+                    continue;
+                }
                 let mut storage = Vec::new();
                 if storage
                     .try_reserve_exact(self.chunk_bytes as usize)
@@ -360,8 +570,10 @@ impl Memory {
                 storage.resize(self.chunk_bytes as usize, 0);
                 *guard = Some(storage.into_boxed_slice());
             }
-            if let Some(storage) = guard.as_deref_mut() {
-                storage[at..at + n].copy_from_slice(data);
+            match (guard.as_deref_mut(), &self.backing) {
+                (Some(_), Some(b)) => b.write(data, index * self.chunk_bytes + at as u64)?,
+                (Some(storage), None) => storage[at..at + n].copy_from_slice(data),
+                (None, _) => {}
             }
         }
         Ok(())
@@ -369,21 +581,28 @@ impl Memory {
 
     /// Makes a range read as zeros: whole chunks are freed when `unmap`, other parts zeroed in
     /// place.
-    fn zero(&self, offset: u64, len: u64, unmap: bool) {
+    fn zero(&self, offset: u64, len: u64, unmap: bool) -> IoResult {
         for (index, at, n) in self.pieces(offset, len) {
             let Some(chunk) = self.chunk(index) else {
                 continue;
             };
             let mut guard = write(chunk);
+            if guard.is_none() {
+                continue;
+            }
             let whole = at == 0 && n as u64 == self.chunk_bytes;
+            let start = index * self.chunk_bytes + at as u64;
+            if let Some(b) = &self.backing {
+                b.zero(start, n as u64)?;
+            }
             if whole && unmap {
-                if guard.take().is_some() {
-                    self.unreserve();
-                }
-            } else if let Some(storage) = guard.as_deref_mut() {
+                guard.take();
+                self.unreserve();
+            } else if let (Some(storage), None) = (guard.as_deref_mut(), &self.backing) {
                 storage[at..at + n].fill(0);
             }
         }
+        Ok(())
     }
 }
 
@@ -449,4 +668,105 @@ fn parse_options(args: &mut ArgSet<'_>) -> Result<(u64, u64), TableError> {
         ));
     }
     Ok((chunk_bytes, max_allocated_bytes.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use userdm_table::parse_table_text;
+
+    fn row(text: &str) -> RowSpec {
+        parse_table_text(text).unwrap().remove(0)
+    }
+
+    fn io(op: IoOp, sector: u64, len_bytes: u64) -> IoHeader {
+        IoHeader {
+            op,
+            flags: IoFlags::empty(),
+            sector,
+            len_bytes,
+        }
+    }
+
+    /// What a SIGKILL leaves: the descriptor (and its lock) closed, the file in place.
+    fn crash(mut memory: Memory) {
+        if let Some(b) = memory.backing.as_mut() {
+            b.remove_on_drop = false;
+        }
+    }
+
+    #[test]
+    fn a_file_backed_row_keeps_its_bytes_across_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = row("0 2048 memory 2 chunk_bytes 8192");
+        let m = Memory::construct_in(&spec, dir.path()).unwrap();
+        let path = m.storage_path().unwrap().to_path_buf();
+        assert_eq!(path, dir.path().join("0-2048-2-chunk_bytes-8192.mem"));
+        let mut a = vec![0xa5u8; 12288];
+        m.io(io(IoOp::Write, 8, 12288), &mut a).unwrap();
+        let mut b = vec![0x3cu8; 4096];
+        m.io(io(IoOp::Write, 1000, 4096), &mut b).unwrap();
+        // Zeros into a fresh chunk stay sparse; a discard frees the whole chunk it covers.
+        m.io(io(IoOp::Write, 1600, 4096), &mut vec![0u8; 4096])
+            .unwrap();
+        m.io(io(IoOp::Discard, 16, 8192), &mut []).unwrap();
+        assert_eq!(m.allocated_bytes(), 2 * 8192);
+        crash(m);
+        assert!(path.exists());
+
+        let m = Memory::construct_in(&spec, dir.path()).unwrap();
+        let mut got = vec![0u8; 12288];
+        m.io(io(IoOp::Read, 8, 12288), &mut got).unwrap();
+        let mut want = vec![0xa5u8; 12288];
+        want[4096..12288].fill(0);
+        assert!(got == want, "the bytes before the crash are not read back");
+        let mut got = vec![0u8; 4096];
+        m.io(io(IoOp::Read, 1000, 4096), &mut got).unwrap();
+        assert!(got == b);
+        // Chunks 0 and 62 hold data; the discarded chunk 1 went back to a hole.
+        assert_eq!(m.allocated_bytes(), 2 * 8192, "{}", m.status());
+        assert!(!m.is_allocated(8192, 8192));
+        assert!(!m.is_allocated(1600 * 512, 4096));
+        drop(m);
+        assert!(!path.exists(), "a row that goes for good takes its file");
+    }
+
+    #[test]
+    fn a_storage_file_serves_one_server_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = row("0 64 memory");
+        let first = Memory::construct_in(&spec, dir.path()).unwrap();
+        let e = Memory::construct_in(&spec, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in use by another userdm server"), "{e}");
+        drop(first);
+        Memory::construct_in(&spec, dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_storage_file_of_another_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0-64.mem"), [1u8; 100]).unwrap();
+        let e = Memory::construct_in(&row("0 64 memory"), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds 100 bytes, not the row's 32768"), "{e}");
+    }
+
+    #[test]
+    fn a_file_backed_row_honours_its_allocation_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = row("0 256 memory 4 chunk_bytes 4096 max_allocated_bytes 8192");
+        let m = Memory::construct_in(&spec, dir.path()).unwrap();
+        let mut data = vec![7u8; 4096];
+        m.io(io(IoOp::Write, 0, 4096), &mut data).unwrap();
+        m.io(io(IoOp::Write, 8, 4096), &mut data).unwrap();
+        assert_eq!(
+            m.io(io(IoOp::Write, 16, 4096), &mut data),
+            Err(IoError::Failed(Errno::ENOSPC))
+        );
+        m.io(io(IoOp::WriteZeroes, 0, 4096), &mut []).unwrap();
+        m.io(io(IoOp::Write, 16, 4096), &mut data).unwrap();
+    }
 }

@@ -97,6 +97,29 @@ pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Seek> {
     lseek(file, offset, libc::SEEK_HOLE)
 }
 
+/// `fallocate(2)` of `offset..offset + len` with `mode` (0 reserves blocks;
+/// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE` frees them).
+pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let overflow = || io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let offset = libc::off_t::try_from(offset).map_err(|_| overflow())?;
+    let len = libc::off_t::try_from(len).map_err(|_| overflow())?;
+    // SAFETY: fallocate takes no pointers; the fd is open (borrowed from `file`).
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes `flock(LOCK_EX)` on `file` without waiting; it is released when the file closes,
+/// including when the process dies.
+pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: flock takes no pointers; the fd is open (borrowed from `file`).
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
