@@ -53,6 +53,8 @@ pub struct ReactorStats {
 pub struct Reactor {
     ring: RefCell<IoUring>,
     spin_ns: Cell<u64>,
+    /// Operations in flight on kernel worker threads (`IOSQE_ASYNC`).
+    offloaded: Cell<u32>,
     slots: RefCell<Vec<Slot>>,
     free_slots: RefCell<Vec<u32>>,
     /// Timeouts need a timespec that stays put until the CQE; one per slot, never moved.
@@ -97,6 +99,7 @@ impl Reactor {
         let rt = Reactor {
             ring: RefCell::new(ring),
             spin_ns: Cell::new(default_spin_ns()),
+            offloaded: Cell::new(0),
             slots: RefCell::new(slots),
             free_slots: RefCell::new(free_slots),
             timespecs,
@@ -207,7 +210,9 @@ impl Reactor {
     /// Busy-waits up to the spin budget for a completion or a wake; true if one came.
     fn spin_for_work(&self) -> bool {
         let budget = self.spin_ns.get();
-        if budget == 0 {
+        // A kernel worker doing this thread's work needs a CPU, maybe this one: spinning
+        // would only delay the completion it waits for.
+        if budget == 0 || self.offloaded.get() > 0 {
             return false;
         }
         if self.unsubmitted.get() > 0 {
@@ -632,8 +637,10 @@ impl Reactor {
         let mut entry = opcode::SendMsg::new(types::Fd(fd), &msg)
             .flags(flags as u32)
             .build();
+        let mut _offloaded = None;
         if offload {
             entry = entry.flags(squeue::Flags::ASYNC);
+            _offloaded = Some(Offloaded::new(&self.offloaded));
         }
         // SAFETY: `msg` lives in this future, which is pinned from its first poll (when the
         // entry is pushed) until it completes or is dropped, and dropping waits for the CQE;
@@ -685,6 +692,22 @@ fn result_len(res: i32) -> Result<usize, Errno> {
         Err(Errno::from_neg(res))
     } else {
         Ok(res as usize)
+    }
+}
+
+/// Counts one operation handed to a kernel worker, while it lives.
+struct Offloaded<'a>(&'a Cell<u32>);
+
+impl<'a> Offloaded<'a> {
+    fn new(count: &'a Cell<u32>) -> Offloaded<'a> {
+        count.set(count.get() + 1);
+        Offloaded(count)
+    }
+}
+
+impl Drop for Offloaded<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 

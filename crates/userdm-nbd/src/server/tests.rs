@@ -754,3 +754,16 @@ fn config_is_checked() {
     assert!(matches!(server.join().unwrap(), Err(ServeError::Config(_))));
     assert!(BlockSizes::DEFAULT.is_valid());
 }
+
+#[test]
+fn unix_connections_get_a_send_buffer_that_holds_a_batch_of_large_replies() {
+    let (a, _b) = UnixStream::pair().unwrap();
+    let before = rustix::net::sockopt::socket_send_buffer_size(&a).unwrap();
+    grow_send_buffer(&a, UNIX_SEND_BUFFER_BYTES);
+    let after = rustix::net::sockopt::socket_send_buffer_size(&a).unwrap();
+    // Root may force any size; others get at most net.core.wmem_max, and never less than before.
+    assert!(after >= before, "{before} -> {after}");
+    if rustix::process::geteuid().is_root() {
+        assert!(after >= UNIX_SEND_BUFFER_BYTES, "{after}");
+    }
+}
