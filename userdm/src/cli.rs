@@ -23,7 +23,10 @@ takes --json for the same facts as JSON.";
 
 const AFTER_HELP: &str = "\
 Environment:
-  USERDM_RUN_DIR   where servers keep their sockets, pids and logs (default /run/userdm)
+  USERDM_RUN_DIR   where servers keep their sockets, pids and logs (default /run/userdm);
+                   with ublk recovery also the recovery records and memory rows' bytes
+  USERDM_SPIN_US   how long an idle IO thread busy-waits before it sleeps (default 20;
+                   0 saves CPU at the cost of latency at low queue depth)
 
 Exit status:
   0  success
