@@ -1,5 +1,6 @@
 //! The task side of the reactor: a fixed set of tasks and a ready queue shared with wakers.
 
+use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -11,11 +12,26 @@ use std::task::{Wake, Waker};
 /// Index of the future passed to `block_on`, which is not stored in the task table.
 pub(crate) const MAIN_TASK: usize = usize::MAX;
 
+thread_local! {
+    /// The `Shared` of the reactor whose `block_on` runs on this thread, if any.
+    static RUNNING: Cell<*const Shared> = const { Cell::new(std::ptr::null()) };
+}
+
 /// What wakers share with the reactor's thread. `Send + Sync`, because a waker can be called
 /// from any thread.
+///
+/// Wakes come in two kinds. Almost all come from the reactor's own thread while it runs (a
+/// completion reaped, a task waking another): those go to `local`, with no lock and no atomic
+/// read-modify-write. Wakes from other threads go to `remote`, under a lock, and kick the
+/// eventfd if the reactor sleeps.
 pub(crate) struct Shared {
-    /// Tasks to poll, in wake order. Preallocated so that a wake does not allocate.
-    ready: Mutex<VecDeque<usize>>,
+    /// Tasks woken on the reactor's thread, in wake order. Touched only by that thread: see
+    /// [`Shared::on_owner_thread`].
+    local: UnsafeCell<VecDeque<usize>>,
+    /// Tasks woken from other threads. Preallocated, as `local` is, so a wake does not allocate.
+    remote: Mutex<VecDeque<usize>>,
+    /// Whether `remote` may hold tasks; lets the reactor look without taking the lock.
+    remote_ready: AtomicBool,
     /// Set while the reactor thread blocks in `io_uring_enter`; a waker that sees it writes the
     /// eventfd so the thread returns.
     sleeping: AtomicBool,
@@ -23,24 +39,59 @@ pub(crate) struct Shared {
     pub(crate) eventfd: OwnedFd,
 }
 
+// SAFETY: every field but `local` is Sync. `local` is touched only on the thread that runs the
+// reactor's `block_on`, which is the only thread where `RUNNING` points at this `Shared` (the
+// reactor is not `Send`), and by the reactor's own methods, which run on that same thread.
+unsafe impl Sync for Shared {}
+
 impl Shared {
     pub(crate) fn new(eventfd: OwnedFd, capacity: usize) -> Shared {
         Shared {
-            ready: Mutex::new(VecDeque::with_capacity(capacity)),
+            local: UnsafeCell::new(VecDeque::with_capacity(capacity)),
+            remote: Mutex::new(VecDeque::with_capacity(capacity)),
+            remote_ready: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             eventfd,
         }
     }
 
+    /// Marks this thread as running the reactor's `block_on` until the guard drops.
+    pub(crate) fn enter_running(&self) -> RunningGuard {
+        let previous = RUNNING.with(|r| r.replace(self as *const Shared));
+        RunningGuard { previous }
+    }
+
+    fn on_owner_thread(&self) -> bool {
+        RUNNING.with(|r| std::ptr::eq(r.get(), self))
+    }
+
+    /// The owner thread's queue.
+    ///
+    /// # Safety
+    /// Only the reactor's own thread may call this (its methods, or a wake while its
+    /// `block_on` runs), and the reference must not outlive the current statement.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn local(&self) -> &mut VecDeque<usize> {
+        // SAFETY: the caller is on the owner thread, which never holds two of these at once.
+        unsafe { &mut *self.local.get() }
+    }
+
     fn push_ready(&self, index: usize) {
+        if self.on_owner_thread() {
+            // SAFETY: on the owner thread (checked just above).
+            unsafe { self.local() }.push_back(index);
+            // The thread is awake: it is the one waking.
+            return;
+        }
         // A poisoned lock only means another thread panicked while pushing an index; the queue
         // itself is still a valid VecDeque, so keep going rather than spread the panic.
-        self.ready
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(index);
-        // SeqCst pairs with the reactor's store of `sleeping` followed by its check of the
-        // queue: either it sees our index, or we see it sleeping and kick the eventfd.
+        {
+            let mut remote = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+            remote.push_back(index);
+            self.remote_ready.store(true, Ordering::SeqCst);
+        }
+        // SeqCst pairs with the reactor's store of `sleeping` followed by its look at
+        // `remote_ready`: either it sees our index, or we see it sleeping and kick the eventfd.
         if self.sleeping.load(Ordering::SeqCst) {
             self.kick();
         }
@@ -55,23 +106,43 @@ impl Shared {
         }
     }
 
+    /// The next task to poll. Reactor thread only.
     pub(crate) fn pop_ready(&self) -> Option<usize> {
-        self.ready
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+        // SAFETY: called by the reactor's methods, on its thread.
+        if let Some(index) = unsafe { self.local() }.pop_front() {
+            return Some(index);
+        }
+        if !self.remote_ready.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut remote = self.remote.lock().unwrap_or_else(PoisonError::into_inner);
+        self.remote_ready.store(false, Ordering::SeqCst);
+        // SAFETY: as above; `extend` from a drain of the preallocated queue does not allocate
+        // while the two together hold no more than the number of tasks.
+        let local = unsafe { self.local() };
+        local.extend(remote.drain(..));
+        local.pop_front()
     }
 
+    /// Whether a task waits to be polled. Reactor thread only.
     pub(crate) fn has_ready(&self) -> bool {
-        !self
-            .ready
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        // SAFETY: called by the reactor's methods, on its thread.
+        !unsafe { self.local() }.is_empty() || self.remote_ready.load(Ordering::SeqCst)
     }
 
     pub(crate) fn set_sleeping(&self, sleeping: bool) {
         self.sleeping.store(sleeping, Ordering::SeqCst);
+    }
+}
+
+/// Restores the previous reactor mark of the thread when `block_on` returns (or unwinds).
+pub(crate) struct RunningGuard {
+    previous: *const Shared,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(self.previous));
     }
 }
 
