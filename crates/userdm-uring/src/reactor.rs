@@ -47,12 +47,20 @@ pub struct ReactorStats {
     /// Completions of the eventfd read, i.e. wakes that had to come through the kernel (from
     /// another thread, while this one slept).
     pub eventfd_wakes: u64,
+    /// Idle periods in which the thread spun before sleeping.
+    pub spins: u64,
+    /// Spins that found work.
+    pub spin_hits: u64,
 }
 
 /// One thread's ring and executor. Not `Send`: it lives and dies on the thread that made it.
 pub struct Reactor {
     ring: RefCell<IoUring>,
+    /// The longest a spin may last; 0: never spin.
     spin_ns: Cell<u64>,
+    /// How often work came within `spin_ns` of the thread running dry, lately: a moving average
+    /// in 1/`SPIN_SCALE` units. The thread spins only while this says a spin usually pays.
+    spin_hits: Cell<u32>,
     /// Operations in flight on kernel worker threads (`IOSQE_ASYNC`).
     offloaded: Cell<u32>,
     slots: RefCell<Vec<Slot>>,
@@ -99,6 +107,7 @@ impl Reactor {
         let rt = Reactor {
             ring: RefCell::new(ring),
             spin_ns: Cell::new(default_spin_ns()),
+            spin_hits: Cell::new(SPIN_SCALE),
             offloaded: Cell::new(0),
             slots: RefCell::new(slots),
             free_slots: RefCell::new(free_slots),
@@ -143,6 +152,7 @@ impl Reactor {
             !self.running.replace(true),
             "Reactor::block_on is not reentrant"
         );
+        let _running = self.shared.enter_running();
         let mut main = pin!(main);
         let (main_tw, main_waker) = &self.main_waker;
         main_waker.wake_by_ref();
@@ -161,14 +171,7 @@ impl Reactor {
                 }
                 continue;
             }
-            if self.spin_for_work() {
-                continue;
-            }
-            self.shared.set_sleeping(true);
-            if !self.shared.has_ready() {
-                self.enter(true);
-            }
-            self.shared.set_sleeping(false);
+            self.idle();
         };
         self.running.set(false);
         out
@@ -207,14 +210,57 @@ impl Reactor {
         None
     }
 
-    /// Busy-waits up to the spin budget for a completion or a wake; true if one came.
-    fn spin_for_work(&self) -> bool {
+    /// Waits for work when no task is ready: spins first where spinning has been paying off,
+    /// then sleeps in the kernel.
+    ///
+    /// Every idle period teaches the spin policy whether work came within the spin budget: a
+    /// spin that found work is a hit; one that ran out is a miss; a sleep without a spin is
+    /// timed, and counts as a hit if it was shorter than the budget (a spin would have caught
+    /// it). Spinning stops while most recent periods missed. Why: a spin only pays when the next
+    /// request comes from another CPU within the budget; when it comes from a process that
+    /// needs this CPU (a ublk queue pinned to its submitters' one CPU), or only after a long
+    /// time (an idle client, an emulated machine), spinning burns the CPU the work waits for.
+    fn idle(&self) {
         let budget = self.spin_ns.get();
         // A kernel worker doing this thread's work needs a CPU, maybe this one: spinning
         // would only delay the completion it waits for.
         if budget == 0 || self.offloaded.get() > 0 {
-            return false;
+            return self.sleep_for_work();
         }
+        if self.spin_hits.get() >= SPIN_SCALE / 2 {
+            let hit = self.spin_for_work(budget);
+            self.bump(|s| {
+                s.spins += 1;
+                s.spin_hits += u64::from(hit);
+            });
+            self.learn_spin(hit);
+            if !hit {
+                self.sleep_for_work();
+            }
+            return;
+        }
+        let start = std::time::Instant::now();
+        self.sleep_for_work();
+        self.learn_spin(start.elapsed().as_nanos() as u64 <= budget);
+    }
+
+    fn learn_spin(&self, hit: bool) {
+        let hits = self.spin_hits.get();
+        let hits = hits - hits / 8 + if hit { SPIN_SCALE / 8 } else { 0 };
+        self.spin_hits.set(hits);
+    }
+
+    /// Sleeps in the kernel until a completion or a wake, submitting what is queued.
+    fn sleep_for_work(&self) {
+        self.shared.set_sleeping(true);
+        if !self.shared.has_ready() {
+            self.enter(true);
+        }
+        self.shared.set_sleeping(false);
+    }
+
+    /// Busy-waits up to `budget` ns for a completion or a wake; true if one came.
+    fn spin_for_work(&self, budget: u64) -> bool {
         if self.unsubmitted.get() > 0 {
             self.enter(false);
             if self.shared.has_ready() {
@@ -245,9 +291,23 @@ impl Reactor {
         }
     }
 
-    /// Sets how long the thread busy-waits for work before it sleeps in the kernel.
+    /// Registers `fds` as the ring's fixed files: operations then name descriptor `i` as
+    /// `io_uring::types::Fixed(i)`. The kernel takes its references once, here, instead of at
+    /// every operation: for a descriptor that several threads' rings use at once (a ublk
+    /// device's `/dev/ublkcN`), each per-operation reference is an atomic update of a cache
+    /// line that those CPUs would pass back and forth.
+    ///
+    /// Only one set may be registered; the descriptors must stay open while operations use
+    /// them (the ring keeps the files alive, but the numbers mean nothing to other code).
+    pub fn register_files(&self, fds: &[RawFd]) -> io::Result<()> {
+        self.ring.borrow().submitter().register_files(fds)
+    }
+
+    /// Sets how long the thread may busy-wait for work before it sleeps in the kernel (see
+    /// [`DEFAULT_SPIN`]); zero turns spinning off.
     pub fn set_spin(&self, spin: Duration) {
         self.spin_ns.set(spin.as_nanos() as u64);
+        self.spin_hits.set(SPIN_SCALE);
     }
 
     /// Submits queued SQEs and reaps completions, waiting for at least one if `wait`.
@@ -722,6 +782,9 @@ impl Drop for Offloaded<'_> {
 /// bounded: at most one budget of CPU time per idle period, nothing while the device is idle.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(20);
 
+/// Fixed-point one of `Reactor::spin_hits`.
+const SPIN_SCALE: u32 = 1024;
+
 fn default_spin_ns() -> u64 {
     match std::env::var("USERDM_SPIN_US") {
         Ok(v) => v
@@ -732,10 +795,33 @@ fn default_spin_ns() -> u64 {
     }
 }
 
+/// Whether rings defer completion work to the thread's next `io_uring_enter`
+/// (`IORING_SETUP_DEFER_TASKRUN`), unless `USERDM_URING_DEFER=0` says otherwise.
+fn defer_taskrun_wanted() -> bool {
+    std::env::var("USERDM_URING_DEFER").map_or(true, |v| v.trim() != "0")
+}
+
 fn build_ring(entries: u32) -> io::Result<IoUring> {
-    // COOP_TASKRUN avoids interrupting the thread for completions it will reap anyway at its
-    // next enter; TASKRUN_FLAG tells a spinning thread (see `DEFAULT_SPIN`) that such
-    // completions wait. Fall back for kernels older than 5.19.
+    // DEFER_TASKRUN (6.1+) queues completion work (a ublk command's, a socket's) on the ring
+    // and runs it only when this thread enters the kernel to look for completions: no
+    // interrupt of a running thread, and completions are reaped in batches. It needs
+    // SINGLE_ISSUER, which a reactor is: it never leaves the thread that made it.
+    // COOP_TASKRUN is the older, weaker form of the same (5.19+). TASKRUN_FLAG tells a
+    // spinning thread (see `DEFAULT_SPIN`) that such work waits; `submit` then enters with
+    // GETEVENTS, which runs it. Each step falls back to the next for older kernels.
+    if defer_taskrun_wanted() {
+        match IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+        {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(explain_ring_error(e)),
+        }
+    }
     match IoUring::builder()
         .setup_coop_taskrun()
         .setup_taskrun_flag()
@@ -897,6 +983,59 @@ mod tests {
         // non-waiting enter instead of sleeping.
         let stats = rt.stats();
         assert!(stats.waits <= 2, "{stats:?}");
+    }
+
+    #[test]
+    fn spinning_stops_when_work_comes_too_late_to_catch() {
+        let rt = Reactor::new(8).unwrap();
+        rt.set_spin(Duration::from_micros(100));
+        // Work that comes 2 ms after the thread runs dry: every spin would miss.
+        rt.block_on(async {
+            for _ in 0..40 {
+                rt.sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let stats = rt.stats();
+        // Six misses bring the hit rate below one half; later idle periods sleep at once.
+        assert_eq!(stats.spin_hits, 0, "{stats:?}");
+        assert!(stats.spins <= 8, "{stats:?}");
+        assert!(stats.waits >= 40, "{stats:?}");
+    }
+
+    #[test]
+    fn spinning_resumes_when_work_comes_soon_again() {
+        use std::io::{Read, Write};
+        let rt = Reactor::new(8).unwrap();
+        // First teach it that spinning misses: idle periods longer than the budget.
+        rt.set_spin(Duration::from_millis(1));
+        rt.block_on(async {
+            for _ in 0..20 {
+                rt.sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let before = rt.stats();
+        assert!(before.spins <= 8, "{before:?}");
+        // Then work that comes at once (an echo over a socket pair, well within 1 ms): timed
+        // sleeps count as hits, and spinning comes back.
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            while b.read_exact(&mut byte).is_ok() {
+                b.write_all(&byte).unwrap();
+            }
+        });
+        rt.block_on(async {
+            let mut byte = [0u8; 1];
+            for i in 0..200u32 {
+                rt.send_all(a.as_raw_fd(), &[i as u8], false).await.unwrap();
+                rt.recv_exact(a.as_raw_fd(), &mut byte).await.unwrap();
+            }
+        });
+        drop(a);
+        echo.join().unwrap();
+        let after = rt.stats();
+        assert!(after.spins > before.spins, "{before:?} -> {after:?}");
+        assert!(after.spin_hits > 0, "{after:?}");
     }
 
     #[test]
