@@ -114,6 +114,18 @@ pub(crate) fn set_thread_affinity(mask: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread to `SCHED_BATCH`: it keeps its nice level and its share of the CPU,
+/// but its wakeups no longer preempt the task running on its CPU.
+pub(crate) fn set_batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid, live parameter.
+    let res = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if res < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Marks the calling thread as an IO flusher (needs CAP_SYS_RESOURCE).
 pub(crate) fn set_io_flusher() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.

@@ -33,6 +33,9 @@ use crate::os::{self, Mapping};
 use crate::zc::{self, ZcRing};
 use crate::UblkError;
 
+/// The index of `/dev/ublkcN` among a queue ring's fixed files.
+const CDEV_FIXED: u32 = 0;
+
 /// How request data moves between the kernel and the server's buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum DataMode {
@@ -77,6 +80,7 @@ pub(crate) struct QueueConfig {
     pub(crate) mode: DataMode,
     /// Kernel cpumask of the CPUs that submit to this queue; empty: no pinning.
     pub(crate) affinity: Vec<u8>,
+    pub(crate) batch_scheduling: bool,
     pub(crate) io_flusher: bool,
     pub(crate) private_mount_ns: bool,
 }
@@ -211,14 +215,23 @@ pub(crate) fn queue_main<B: UblkBackend>(
     exit
 }
 
-/// Places the thread: CPU affinity, IO flusher, private mount namespace. Failures are not
-/// fatal; each only loses an optimisation or a safety net, so they are reported on stderr.
+/// Places the thread: CPU affinity, batch scheduling, IO flusher, private mount namespace.
+/// Failures are not fatal; each only loses an optimisation or a safety net, so they are
+/// reported on stderr.
 fn prepare_thread(cfg: &QueueConfig) {
     if let Err(e) = os::set_thread_affinity(&cfg.affinity) {
         eprintln!(
             "ublk{}: queue {}: cannot set CPU affinity: {e}",
             cfg.dev_id, cfg.q_id
         );
+    }
+    if cfg.batch_scheduling {
+        if let Err(e) = os::set_batch_scheduling() {
+            eprintln!(
+                "ublk{}: queue {}: cannot switch to SCHED_BATCH: {e}",
+                cfg.dev_id, cfg.q_id
+            );
+        }
     }
     if cfg.io_flusher {
         if let Err(e) = os::set_io_flusher() {
@@ -299,10 +312,17 @@ impl<B: UblkBackend> QueueCtx<B> {
         let entries = (u32::from(cfg.depth) * 2).clamp(64, 4096);
         let rt = Reactor::new(entries)
             .map_err(|e| queue_err(format!("cannot create the queue's ring: {e}")))?;
+        // Commands name the char device as fixed file 0: see `Reactor::register_files`.
+        rt.register_files(&[cdev.as_raw_fd()])
+            .map_err(|e| queue_err(format!("cannot register /dev/ublkc{}: {e}", cfg.dev_id)))?;
         let zc = match cfg.mode {
             DataMode::AutoBufReg => Some(
-                ZcRing::new(u32::from(cfg.depth) * 2, u32::from(cfg.depth))
-                    .map_err(|e| queue_err(format!("cannot create the zero-copy ring: {e}")))?,
+                ZcRing::new(
+                    u32::from(cfg.depth) * 2,
+                    u32::from(cfg.depth),
+                    &[cdev.as_raw_fd()],
+                )
+                .map_err(|e| queue_err(format!("cannot create the zero-copy ring: {e}")))?,
             ),
             _ => None,
         };
@@ -355,8 +375,8 @@ impl<B: UblkBackend> QueueCtx<B> {
             result,
             addr,
         };
-        let mut entry = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), cmd_op)
-            .cmd(encode_io_cmd(&cmd));
+        let mut entry =
+            opcode::UringCmd16::new(types::Fixed(CDEV_FIXED), cmd_op).cmd(encode_io_cmd(&cmd));
         if self.cfg.mode == DataMode::AutoBufReg {
             let reg = sys::ublk_auto_buf_reg {
                 index: tag,
@@ -369,12 +389,12 @@ impl<B: UblkBackend> QueueCtx<B> {
         let entry = entry.build();
         match &self.zc {
             // SAFETY: in zero-copy mode the command names no user memory (the buffer is the
-            // request's own pages, registered by the kernel); the descriptor is held by `cdev`;
-            // tag tasks await every operation to its end.
+            // request's own pages, registered by the kernel); the descriptor is the ring's
+            // fixed file; tag tasks await every operation to its end.
             Some(zc) => unsafe { zc.submit(entry) }.await,
             // SAFETY: the command names at most this tag's buffer, which lives in `bufs` until
-            // the thread ends (longer if a tag ended abnormally); the descriptor is held by
-            // `cdev`.
+            // the thread ends (longer if a tag ended abnormally); the descriptor is the ring's
+            // fixed file.
             None => unsafe { self.rt.submit(entry) }.await,
         }
     }

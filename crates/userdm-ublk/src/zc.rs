@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll, Waker};
 
@@ -40,13 +40,15 @@ pub(crate) struct ZcRing {
 }
 
 impl ZcRing {
-    /// A ring with room for `ops` operations in flight and `buffers` sparse buffer slots.
-    pub(crate) fn new(ops: u32, buffers: u32) -> io::Result<ZcRing> {
+    /// A ring with room for `ops` operations in flight, `buffers` sparse buffer slots, and
+    /// `files` as its fixed files (see `Reactor::register_files`).
+    pub(crate) fn new(ops: u32, buffers: u32, files: &[RawFd]) -> io::Result<ZcRing> {
         let entries = ops.next_power_of_two().clamp(8, 4096);
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
             .build(entries)?;
         ring.submitter().register_buffers_sparse(buffers)?;
+        ring.submitter().register_files(files)?;
         let slot_count = entries as usize * 2;
         Ok(ZcRing {
             ring: RefCell::new(ring),
@@ -223,7 +225,8 @@ mod tests {
     #[test]
     fn driver_runs_operations_from_many_tasks() {
         let rt = Rc::new(Reactor::new(64).unwrap());
-        let zc = match ZcRing::new(64, 32) {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let zc = match ZcRing::new(64, 32, &[null.as_raw_fd()]) {
             Ok(zc) => Rc::new(zc),
             // Kernels without sparse buffer tables (before 5.19) cannot run zero copy anyway.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,

@@ -5,14 +5,16 @@
 echo "kernel $(uname -r); features: $("$UBLK_SERVE" --features)"
 
 start_server mem --backend memory --size 128M -q 2
-# Queue threads are pinned, IO flushers, in private mount namespaces: no warnings.
+# Queue threads are pinned, IO flushers, SCHED_BATCH, in private mount namespaces: no warnings.
 if grep -E "warning|cannot|failed" "$WORK/mem.log"; then fail "server warned while starting"; fi
 for t in /proc/"$SERVER_PID"/task/*; do
 	[[ $(cat "$t/comm") == ublk${ID}q* ]] || continue
 	[[ $(readlink "$t/ns/mnt") != $(readlink /proc/self/ns/mnt) ]] || fail "queue thread $t shares our mount namespace"
+	# Field 41 of stat is the scheduling policy; 3 is SCHED_BATCH.
+	[[ $(awk '{ print $41 }' "$t/stat") == 3 ]] || fail "queue thread $t is not SCHED_BATCH"
 	echo "$(cat "$t/comm"): cpus $(awk '/Cpus_allowed_list/ { print $2 }' "$t/status"), mnt $(readlink "$t/ns/mnt")"
 done
-ok "queue threads pinned and in their own mount namespace"
+ok "queue threads pinned, SCHED_BATCH and in their own mount namespace"
 [[ $(blockdev --getsize64 "$DEV") -eq $((128 << 20)) ]] || fail "wrong size $(blockdev --getsize64 "$DEV")"
 head -c $((8 << 20)) /dev/urandom >"$WORK/pattern"
 dd if="$WORK/pattern" of="$DEV" bs=1M oflag=direct status=none
