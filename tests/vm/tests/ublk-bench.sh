@@ -46,9 +46,12 @@ wait_node() {
 setup() { # NAME QUEUES
 	local name=$1 q=$2 id
 	case $name in
-	userdm | userdm-uc)
+	userdm | userdm-uc | userdm+* | userdm-uc+*)
+		# Variants, for experiments: +nospin (USERDM_SPIN_US=0), +nodefer (USERDM_URING_DEFER=0).
 		local extra=()
-		[[ $name == userdm-uc ]] && extra=(--user-copy)
+		[[ ${name%%+*} == userdm-uc ]] && extra=(--user-copy)
+		[[ $name == *+nospin* ]] && local -x USERDM_SPIN_US=0
+		[[ $name == *+nodefer* ]] && local -x USERDM_URING_DEFER=0
 		start_server "$name-q$q" --backend null --size "${SIZE_MB}M" -q "$q" -d 128 "${extra[@]}"
 		DEVS[$name-q$q]=$DEV
 		;;
@@ -99,9 +102,14 @@ workload_args() { # NAME
 for spec in $DEVICES; do
 	setup "${spec%:*}" "${spec#*:}"
 done
+# Every other repetition runs the devices in reverse order, so that whatever the position in a
+# round costs or gives (the machine's load drifts within a round) falls on all devices alike.
+reversed=$(echo $DEVICES | tr ' ' '\n' | tac | tr '\n' ' ')
 for ((rep = 1; rep <= REPS; rep++)); do
+	order=$DEVICES
+	((rep % 2)) || order=$reversed
 	for w in $WORKLOADS; do
-		for spec in $DEVICES; do
+		for spec in $order; do
 			key=${spec%:*}-q${spec#*:}
 			# shellcheck disable=SC2046 # the workload's options split on purpose
 			fio --name=b --filename="${DEVS[$key]}" --ioengine=io_uring --direct=1 \
