@@ -29,6 +29,7 @@ mod executor;
 mod ops;
 mod reactor;
 pub mod sync;
+pub mod thread;
 
 pub use ops::Op;
 pub use reactor::{Reactor, ReactorStats, DEFAULT_SPIN};
