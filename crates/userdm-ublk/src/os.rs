@@ -13,6 +13,8 @@ use std::ptr::NonNull;
 /// `PR_SET_IO_FLUSHER` (Linux 5.6): the thread serves writeback, so memory reclaim must not wait
 /// on it (allocations behave as GFP_NOIO).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
+/// `MADV_POPULATE_WRITE` (Linux 5.14), which the libc crate does not name on every target.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// The system page size.
 pub(crate) fn page_size() -> usize {
@@ -53,6 +55,38 @@ impl Mapping {
             )
         };
         Mapping::checked(ptr, len)
+    }
+
+    /// Asks for small pages only. Tag buffers are touched piecemeal (a 4 KiB request touches one
+    /// page of a 512 KiB buffer); with transparent huge pages each first touch would make a
+    /// whole 2 MiB page resident.
+    pub(crate) fn no_huge_pages(&self) -> io::Result<()> {
+        // SAFETY: advice on a range this mapping owns; it changes no contents.
+        if unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, libc::MADV_NOHUGEPAGE) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` resident and writable now (`MADV_POPULATE_WRITE`, Linux
+    /// 5.14+), instead of at their first touch on the data path.
+    pub(crate) fn populate(&self, offset: usize, len: usize) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: the range lies inside this mapping (checked above); populating only faults in
+        // zero-filled pages, which changes no contents.
+        let res = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if res < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Maps `len` bytes of `fd` at `offset`, read-only and shared (the ublk io_desc array).
@@ -108,18 +142,6 @@ pub(crate) fn set_thread_affinity(mask: &[u8]) -> io::Result<()> {
     }
     // SAFETY: the kernel reads `mask.len()` bytes from a live slice.
     let res = unsafe { libc::syscall(libc::SYS_sched_setaffinity, 0, mask.len(), mask.as_ptr()) };
-    if res < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Moves the calling thread to `SCHED_BATCH`: it keeps its nice level and its share of the CPU,
-/// but its wakeups no longer preempt the task running on its CPU.
-pub(crate) fn set_batch_scheduling() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (0) with a valid, live parameter.
-    let res = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     if res < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -382,6 +404,23 @@ mod tests {
             map.as_ptr().add(map.len() - 1).write(9);
             assert_eq!(map.as_ptr().read(), 7);
         }
+    }
+
+    #[test]
+    fn buffers_populate_inside_the_mapping_only() {
+        let map = Mapping::anonymous(1 << 20).unwrap();
+        map.no_huge_pages().unwrap();
+        map.populate(0, 128 << 10).unwrap();
+        map.populate((1 << 20) - 4096, 4096).unwrap();
+        // The first page is resident now: mincore says so.
+        let mut vec = [0u8; 1];
+        // SAFETY: asks about one page of a live mapping into a one-byte vector.
+        let res = unsafe { libc::mincore(map.as_ptr().cast(), 4096, vec.as_mut_ptr()) };
+        assert_eq!(res, 0);
+        assert_eq!(vec[0] & 1, 1);
+        let err = map.populate((1 << 20) - 4096, 8192).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(map.populate(usize::MAX, 2).is_err());
     }
 
     #[test]
