@@ -71,6 +71,12 @@ pub struct ServerConfig {
     /// `SO_SNDBUF` up to `net.core.wmem_max` without CAP_NET_ADMIN); `None` keeps the
     /// system's. TCP keeps the kernel's autotuning, which a fixed size would turn off.
     pub unix_send_buffer_bytes: Option<usize>,
+    /// Run each connection's thread under `SCHED_BATCH` (see
+    /// [`userdm_uring::thread::set_batch_scheduling`]), so that a local client's requests do not
+    /// preempt the client while it sends its batch. Measured with fio's nbd engine over a Unix
+    /// socket on the 2-vCPU machine, 4 alternating runs each: 128k sequential reads at QD32
+    /// 25.2k -> 27.8k IOPS (nbdkit 22.5k), 4k random reads at QD32 about the same.
+    pub batch_scheduling: bool,
 }
 
 /// The default of [`ServerConfig::unix_send_buffer_bytes`]: 4 MiB.
@@ -99,6 +105,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(std::time::Duration::from_secs(30)),
             connections_max: 256,
             unix_send_buffer_bytes: Some(UNIX_SEND_BUFFER_BYTES),
+            batch_scheduling: true,
         }
     }
 }
@@ -464,6 +471,10 @@ pub fn serve_connection<B: Backend>(
     }
     if let (Stream::Unix(unix), Some(bytes)) = (&stream, config.unix_send_buffer_bytes) {
         grow_send_buffer(unix, bytes);
+    }
+    if config.batch_scheduling {
+        // Not fatal: the connection only loses an optimisation.
+        let _ = userdm_uring::thread::set_batch_scheduling();
     }
     let rt = Reactor::new(config.ring_entries).map_err(ServeError::CreateReactor)?;
     let depth = usize::from(config.queue_depth);
